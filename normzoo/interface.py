@@ -71,6 +71,8 @@ class BatchSizeError(NormzooError):
 def closest_first(bad: str, valid: Iterable[str]) -> list[str]:
     """Return ``valid`` sorted with the names closest to ``bad`` first, the rest alphabetical."""
     pool = sorted(valid)
+    if not pool:
+        return []
     close = difflib.get_close_matches(bad, pool, n=len(pool), cutoff=0.5)
     return close + [name for name in pool if name not in close]
 

@@ -5,7 +5,8 @@ Every norm, bundled or not, comes from a plugin registered under the entry-point
 plugin that fails, :meth:`Registry.load` loads each entry point on its own: a plugin that fails
 to import, whose hook raises, or that declares an invalid or duplicate norm is skipped with a
 :class:`PluginWarning` and listed with its error by :meth:`Registry.plugins`; the other plugins
-keep working. A plugin's norms are accepted all together or not at all.
+keep working. A plugin's norms are accepted all together or not at all. The bundled plugins
+load first, so a third-party norm that claims a bundled name is the one rejected.
 
 Environment variables:
 
@@ -130,8 +131,8 @@ class Registry:
         Raises :class:`PluginLoadError` on the first failure only in strict mode.
         """
         builtin_only = os.environ.get(BUILTIN_ONLY_ENV, "") not in ("", "0")
-        for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
-            distribution = entry_point.dist.name if entry_point.dist else ""
+        for entry_point in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=_load_order):
+            distribution = _distribution_name(entry_point)
             if builtin_only and distribution != BUILTIN_DISTRIBUTION:
                 continue
             if entry_point.name in self._plugins:
@@ -278,6 +279,16 @@ class Registry:
         """Every plugin seen, loaded or failed, sorted by name."""
         self._ensure_loaded()
         return [self._plugins[name] for name in sorted(self._plugins)]
+
+
+def _distribution_name(entry_point: metadata.EntryPoint) -> str:
+    return entry_point.dist.name if entry_point.dist else ""
+
+
+def _load_order(entry_point: metadata.EntryPoint) -> tuple[bool, str, str]:
+    """Bundled plugins first, so a third party cannot take a bundled norm's name."""
+    distribution = _distribution_name(entry_point)
+    return (distribution != BUILTIN_DISTRIBUTION, distribution, entry_point.name)
 
 
 def _describe(error: BaseException) -> str:

@@ -1,0 +1,5 @@
+import sys
+
+from normzoo.cli import main
+
+sys.exit(main())

@@ -1,0 +1,192 @@
+"""``normzoo``: the command line. Argument parsing and printing only; the work happens in the
+registry (:mod:`normzoo`) and the harness (:mod:`normzoo.harness`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Sequence
+
+import normzoo
+from normzoo.interface import NormzooError
+
+EPILOG = """examples:
+  normzoo run --norm batchnorm                  the textbook run: LeNet, 10 epochs, lr 1.0
+  normzoo run --norm zca --norm-opt group_size=8 --activation relu --lr 0.1
+  normzoo list                                  registered norms
+  normzoo info batchnorm                        options, defaults and reference of a norm
+  normzoo plugins                               loaded plugins and their load errors
+"""
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="normzoo",
+        description="Normalization layers as plugins, compared in one LeNet/Fashion-MNIST harness.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"normzoo {normzoo.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="train LeNet on Fashion-MNIST with a norm and save the results",
+        description="Train LeNet on Fashion-MNIST with the chosen norm. Writes config.json, "
+        "metrics.json (after every epoch), model.pt and curves.png to a new directory under "
+        "--runs-dir. Defaults are the textbook's: lr 1.0, 10 epochs, batch 256, sigmoid.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    run.add_argument("--norm", default="batchnorm", help="registered norm (see `normzoo list`)")
+    run.add_argument(
+        "--norm-opt", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+        help="norm option, repeatable; converted by its declared type (see `normzoo info NAME`)",
+    )  # fmt: skip
+    run.add_argument("--activation", default="sigmoid", choices=["sigmoid", "relu"])
+    run.add_argument(
+        "--placement", default="all", choices=["all", "conv", "fc", "none"],
+        help="which layers get a norm",
+    )  # fmt: skip
+    run.add_argument(
+        "--no-bias-before-norm", dest="bias_before_norm", action="store_false",
+        help="drop the bias of conv/fc layers that feed a norm",
+    )  # fmt: skip
+    run.add_argument("--dropout", type=float, default=0.0, help="dropout after the hidden fc layers")
+    run.add_argument("--epochs", type=_positive_int, default=10)
+    run.add_argument("--lr", type=float, default=1.0, help="SGD learning rate")
+    run.add_argument("--batch-size", type=_positive_int, default=256)
+    run.add_argument("--seed", type=int, default=0, help="same seed, same numbers on a CPU")
+    run.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    run.add_argument(
+        "--data-dir", default=None,
+        help="directory with the four Fashion-MNIST IDX files (gzipped or not, or torchvision's "
+        "FashionMNIST/raw layout); default: the copy bundled with normzoo",
+    )  # fmt: skip
+    run.add_argument("--download", action="store_true", help="fetch the data into --data-dir first")
+    run.add_argument("--train-subset", type=_positive_int, default=None, help="use the first N training examples")
+    run.add_argument("--test-subset", type=_positive_int, default=None, help="use the first N test examples")
+    run.add_argument("--runs-dir", default="runs", help="parent directory of the run directories")
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    run.set_defaults(handler=_run)
+
+    listing = commands.add_parser("list", help="list the registered norms")
+    listing.set_defaults(handler=_list)
+
+    info = commands.add_parser("info", help="show a norm's options, defaults and reference")
+    info.add_argument("name", help="norm name")
+    info.set_defaults(handler=_info)
+
+    plugins = commands.add_parser("plugins", help="show loaded plugins, versions and load errors")
+    plugins.set_defaults(handler=_plugins)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from normzoo.harness.experiment import RunConfig, run_experiment
+
+    if args.download and args.data_dir is None:
+        raise NormzooError("--download needs --data-dir, the directory to download into")
+    config = RunConfig(
+        norm=args.norm,
+        norm_options=dict(args.norm_opt),
+        activation=args.activation,
+        placement=args.placement,
+        bias_before_norm=args.bias_before_norm,
+        dropout=args.dropout,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+        data_dir=args.data_dir,
+        download=args.download,
+        train_subset=args.train_subset,
+        test_subset=args.test_subset,
+        runs_dir=args.runs_dir,
+    )
+    try:
+        result = run_experiment(config, progress=args.progress, on_epoch=lambda m: print(m.summary()))
+    except KeyboardInterrupt:
+        print("\ninterrupted; finished epochs are saved under", args.runs_dir, file=sys.stderr)
+        return 130
+    if result.status == "diverged":
+        print(f"normzoo: {result.message}", file=sys.stderr)
+        print(f"finished epochs saved in {result.directory.path}", file=sys.stderr)
+        return 1
+    last = result.epochs[-1]
+    speed = sum(m.examples_per_sec for m in result.epochs) / len(result.epochs)
+    print(
+        f"done: norm {config.norm}, test acc {last.test_acc:.3f} "
+        f"(best {max(m.test_acc for m in result.epochs):.3f}), train loss {last.train_loss:.3f}, "
+        f"{speed:,.0f} examples/s on average\nresults: {result.directory.path}"
+    )
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    norms = normzoo.available()
+    width = max(len(norm.name) for norm in norms)
+    print(f"{'name':<{width}}  {'layouts':<8}  {'batch stats':<11}  summary")
+    for norm in norms:
+        batch = "yes" if norm.uses_batch_stats else "no"
+        print(f"{norm.name:<{width}}  {','.join(norm.layouts):<8}  {batch:<11}  {norm.summary}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    norm = normzoo.info(args.name)
+    print(f"{norm.name}: {norm.summary}")
+    print(f"  plugin:      {norm.plugin}")
+    print(f"  layouts:     {', '.join(norm.layouts)}")
+    print(f"  batch stats: {'yes' if norm.uses_batch_stats else 'no'}")
+    print(f"  reference:   {norm.reference or '-'}")
+    print("  options:" + ("" if norm.options else " none"))
+    for option in norm.options:
+        print(f"    {option.describe()}")
+    return 0
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    for record in normzoo.plugins():
+        origin = f"{record.distribution} {record.version}".strip() or "in-process"
+        state = f"norms: {', '.join(record.norms)}" if record.error is None else f"FAILED: {record.error}"
+        print(f"{record.name} ({origin}): {state}")
+    return 0
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    print(f"normzoo: warning: {message}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``normzoo`` console script; returns the exit status."""
+    warnings.showwarning = _show_warning
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except NormzooError as error:
+        print(f"normzoo: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

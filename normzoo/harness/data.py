@@ -1,0 +1,157 @@
+"""Fashion-MNIST as tensors: the bundled IDX files, or a directory of the user's, read once.
+
+The package ships the canonical 60,000 / 10,000 split (Zalando Research, MIT license; see
+``fashion_mnist/LICENSE``). :func:`load_fashion_mnist` reads the four IDX files with numpy into
+one ``uint8`` array each and returns float tensors in ``[0, 1]`` of shape ``(N, 1, 28, 28)``;
+there is no per-sample Python work and no ``DataLoader``: the harness moves the tensors to the
+device once and batches by indexing.
+
+A directory given with ``data_dir`` may hold the files gzipped or not, either directly or in
+torchvision's ``FashionMNIST/raw/`` layout. ``download=True`` fetches them there through
+torchvision first.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from normzoo.interface import NormzooError
+
+CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_UBYTE = 0x08
+
+
+class DataError(NormzooError):
+    """A data file is missing, truncated or not a valid IDX file."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images as float32 ``(N, 1, 28, 28)`` in ``[0, 1]`` and labels as int64 ``(N,)``."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, size: int | None) -> Split:
+        """The first ``size`` examples (all of them for ``None``)."""
+        if size is None or size >= len(self):
+            return self
+        return Split(self.images[:size], self.labels[:size])
+
+    def to(self, device: torch.device) -> Split:
+        return Split(self.images.to(device), self.labels.to(device))
+
+
+@dataclass(frozen=True)
+class FashionMNIST:
+    """The train and test splits."""
+
+    train: Split
+    test: Split
+
+    def to(self, device: torch.device) -> FashionMNIST:
+        return FashionMNIST(self.train.to(device), self.test.to(device))
+
+
+def bundled_dir() -> Path:
+    """Directory of the Fashion-MNIST files shipped inside the package."""
+    return Path(str(resources.files("normzoo.harness") / "fashion_mnist"))
+
+
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """Read an IDX file of unsigned bytes (gzipped when its name ends in ``.gz``).
+
+    Parameters
+    ----------
+    path:
+        The file.
+    ndim:
+        Expected number of dimensions: 3 for images, 1 for labels.
+
+    Raises :class:`DataError` naming the file when it is unreadable, truncated, or not IDX.
+    """
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as error:
+        raise DataError(f"cannot read {path}: {error}") from None
+    if len(raw) < 4 + 4 * ndim or raw[0] != 0 or raw[1] != 0:
+        raise DataError(f"{path} is not an IDX file (bad header)")
+    if raw[2] != _UBYTE or raw[3] != ndim:
+        raise DataError(
+            f"{path}: IDX header says type 0x{raw[2]:02x} with {raw[3]} dimensions, "
+            f"expected unsigned bytes with {ndim}"
+        )
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    expected = int(np.prod(dims))
+    payload = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if payload.size != expected:
+        raise DataError(
+            f"{path} is truncated or padded: header promises {expected} bytes for shape {dims}, "
+            f"found {payload.size}"
+        )
+    return payload.reshape(dims)
+
+
+def find_idx_file(directory: Path, stem: str) -> Path:
+    """Locate ``stem`` (gzipped or not) in ``directory`` or its ``FashionMNIST/raw/``."""
+    for folder in (directory, directory / "FashionMNIST" / "raw"):
+        for name in (stem, stem + ".gz"):
+            if (folder / name).is_file():
+                return folder / name
+    raise DataError(
+        f"{stem}[.gz] not found in {directory} or {directory / 'FashionMNIST' / 'raw'}; "
+        "pass a directory with the four IDX files, add --download, or omit --data-dir to use "
+        "the bundled copy"
+    )
+
+
+def _read_split(directory: Path, split: str) -> Split:
+    image_path, label_path = (find_idx_file(directory, stem) for stem in FILES[split])
+    images = read_idx(image_path, ndim=3)
+    labels = read_idx(label_path, ndim=1)
+    if len(images) != len(labels):
+        raise DataError(f"{image_path} has {len(images)} images but {label_path} {len(labels)} labels")
+    if labels.max(initial=0) >= len(CLASSES):
+        raise DataError(f"{label_path} holds label {labels.max()}; Fashion-MNIST labels are 0-9")
+    image_tensor = torch.from_numpy(images.copy()).unsqueeze(1).float().div_(255.0)
+    return Split(image_tensor, torch.from_numpy(labels.astype(np.int64)))
+
+
+def download(directory: Path) -> None:
+    """Fetch Fashion-MNIST into ``directory/FashionMNIST/raw`` through torchvision."""
+    from torchvision.datasets import FashionMNIST as TorchvisionFashionMNIST
+
+    for train in (True, False):
+        try:
+            TorchvisionFashionMNIST(str(directory), train=train, download=True)
+        except Exception as error:  # network errors come in many types
+            raise DataError(
+                f"download into {directory} failed ({type(error).__name__}: {error}); "
+                "without internet, omit --download and --data-dir to use the bundled copy"
+            ) from None
+
+
+def load_fashion_mnist(data_dir: Path | str | None = None, download_missing: bool = False) -> FashionMNIST:
+    """Load both splits, from ``data_dir`` or from the bundled copy when it is ``None``."""
+    directory = Path(data_dir).expanduser() if data_dir is not None else bundled_dir()
+    if download_missing:
+        directory.mkdir(parents=True, exist_ok=True)
+        download(directory)
+    return FashionMNIST(_read_split(directory, "train"), _read_split(directory, "test"))

@@ -1,0 +1,90 @@
+"""LeNet-5 with a normalization slot after every conv and hidden fc layer (D2L 8.5 / 7.5).
+
+::
+
+    conv 5x5, 6  -> norm -> act -> avgpool 2     (28 -> 24 -> 12)
+    conv 5x5, 16 -> norm -> act -> avgpool 2     (12 ->  8 ->  4)
+    flatten 256 -> fc 120 -> norm -> act [-> dropout]
+                -> fc 84  -> norm -> act [-> dropout]
+                -> fc 10
+
+The norms are built through :func:`normzoo.build`, so any registered norm fits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+import normzoo
+from normzoo.interface import NormzooError, suggest
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}
+#: Which layers get a norm: ``all``, only the ``conv`` ones, only the ``fc`` ones, or ``none``.
+PLACEMENTS = ("all", "conv", "fc", "none")
+
+
+def build_lenet(
+    norm: str = "batchnorm",
+    norm_options: Mapping[str, Any] | None = None,
+    activation: str = "sigmoid",
+    placement: str = "all",
+    bias_before_norm: bool = True,
+    dropout: float = 0.0,
+) -> nn.Sequential:
+    """Build LeNet with norm ``norm`` in the slots that ``placement`` selects.
+
+    Parameters
+    ----------
+    norm, norm_options:
+        Registered norm name and its options (typed values or strings).
+    activation:
+        ``sigmoid`` (the chapter's) or ``relu``.
+    placement:
+        One of :data:`PLACEMENTS`.
+    bias_before_norm:
+        Keep the bias of the conv/fc layer that feeds a norm; a norm that subtracts a mean
+        makes that bias redundant, which one of the chapter's exercises asks about.
+    dropout:
+        Probability of the dropout after each hidden fc layer; 0 for none.
+    """
+    if activation not in ACTIVATIONS:
+        raise NormzooError(suggest("activation", activation, ACTIVATIONS))
+    if placement not in PLACEMENTS:
+        raise NormzooError(suggest("placement", placement, PLACEMENTS))
+    if not 0.0 <= dropout < 1.0:
+        raise NormzooError(f"dropout must be in [0, 1), got {dropout!r}")
+    options = dict(norm_options or {})
+    normzoo.info(norm)  # fail early on an unknown name, even with placement "none"
+
+    def block(layer: nn.Module, features: int, layout: str) -> list[nn.Module]:
+        normalized = placement in ("all", layout)
+        if normalized and not bias_before_norm:
+            layer.bias = None
+        modules = [layer]
+        if normalized:
+            modules.append(normzoo.build(norm, features, layout, **options))
+        modules.append(ACTIVATIONS[activation]())
+        return modules
+
+    def dropout_layer() -> list[nn.Module]:
+        return [nn.Dropout(dropout)] if dropout > 0 else []
+
+    model = nn.Sequential(
+        *block(nn.Conv2d(1, 6, kernel_size=5), 6, "conv"),
+        nn.AvgPool2d(kernel_size=2, stride=2),
+        *block(nn.Conv2d(6, 16, kernel_size=5), 16, "conv"),
+        nn.AvgPool2d(kernel_size=2, stride=2),
+        nn.Flatten(),
+        *block(nn.Linear(16 * 4 * 4, 120), 120, "fc"),
+        *dropout_layer(),
+        *block(nn.Linear(120, 84), 84, "fc"),
+        *dropout_layer(),
+        nn.Linear(84, 10),
+    )
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(module.weight)  # the book's init_cnn
+    return model

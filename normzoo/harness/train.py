@@ -1,0 +1,152 @@
+"""The training loop: minibatch SGD with cross-entropy, per-epoch metrics, a live progress bar.
+
+The data sit on the device as whole tensors; each epoch draws a permutation from a seeded
+generator and slices batches out of it, so the same seed gives the same numbers on a CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from normzoo.harness.data import FashionMNIST, Split
+from normzoo.interface import NormzooError
+
+EVAL_BATCH = 2048
+
+
+class TrainingDiverged(NormzooError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    """What one epoch measured; ``examples_per_sec`` counts training examples only."""
+
+    epoch: int
+    train_loss: float
+    train_acc: float
+    test_acc: float
+    examples_per_sec: float
+    seconds: float
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (
+            f"epoch {self.epoch:>2}: train loss {self.train_loss:.3f}, train acc "
+            f"{self.train_acc:.3f}, test acc {self.test_acc:.3f}, "
+            f"{self.examples_per_sec:,.0f} examples/s"
+        )
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` means CUDA when present, else CPU; anything else must be a usable device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise NormzooError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise NormzooError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, split: Split, batch_size: int = EVAL_BATCH) -> float:
+    """Fraction of ``split`` that ``model`` classifies correctly, in eval mode."""
+    model.eval()
+    correct = 0
+    for start in range(0, len(split), batch_size):
+        logits = model(split.images[start : start + batch_size])
+        correct += int((logits.argmax(dim=1) == split.labels[start : start + batch_size]).sum())
+    return correct / max(len(split), 1)
+
+
+def train(
+    model: nn.Module,
+    data: FashionMNIST,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    label: str,
+    on_epoch: Callable[[EpochMetrics], None] = lambda metrics: None,
+    progress: bool = True,
+) -> list[EpochMetrics]:
+    """Train ``model`` on ``data.train`` and measure it on ``data.test`` after every epoch.
+
+    Parameters
+    ----------
+    label:
+        Names the run (the norm) in the progress bar and in errors.
+    on_epoch:
+        Called with each epoch's metrics as soon as they exist, e.g. to write them to disk.
+
+    Raises :class:`TrainingDiverged` when a batch loss is not finite; the epochs already
+    reported through ``on_epoch`` stay reported. A last batch of a single example is skipped
+    because batch statistics of one example are undefined.
+    """
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    generator = torch.Generator().manual_seed(seed)
+    device = data.train.images.device
+    size = len(data.train)
+    batches = [(start, min(start + batch_size, size)) for start in range(0, size, batch_size)]
+    if size - batches[-1][0] < 2 and len(batches) > 1:
+        batches.pop()
+    history: list[EpochMetrics] = []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        order = torch.randperm(size, generator=generator).to(device)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        started = time.perf_counter()
+        bar = tqdm(
+            batches, desc=f"{label} epoch {epoch}/{epochs}", unit="batch", leave=False,
+            disable=not progress, dynamic_ncols=True,
+        )  # fmt: skip
+        for step, (start, stop) in enumerate(bar):
+            index = order[start:stop]
+            images, labels = data.train.images[index], data.train.labels[index]
+            logits = model(images)
+            loss = loss_fn(logits, labels)
+            value = float(loss.detach())  # one sync per batch: needed for the NaN check and the bar
+            if not math.isfinite(value):
+                raise TrainingDiverged(
+                    f"loss became {value} in epoch {epoch} (batch {step + 1}) with norm "
+                    f"{label!r}; try a smaller --lr"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            count = stop - start
+            loss_sum += loss.detach() * count
+            correct += (logits.argmax(dim=1) == labels).sum()
+            seen += count
+            if progress:
+                bar.set_postfix(loss=f"{value:.3f}", refresh=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - started
+        bar.close()
+        metrics = EpochMetrics(
+            epoch=epoch,
+            train_loss=float(loss_sum) / seen,
+            train_acc=int(correct) / seen,
+            test_acc=accuracy(model, data.test),
+            examples_per_sec=seen / elapsed,
+            seconds=elapsed,
+        )
+        history.append(metrics)
+        on_epoch(metrics)
+    return history

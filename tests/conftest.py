@@ -1,0 +1,64 @@
+"""Shared fixtures: a fake third-party distribution installed on sys.path for real."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+
+def install_fake_distribution(root: Path, dist: str, module: str, source: str, entry_name: str) -> Path:
+    """Write ``module.py`` and a ``dist-info`` declaring it in the ``normzoo`` group under
+    ``root``, exactly what ``pip install`` of a third-party plugin leaves behind."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / f"{module}.py").write_text(textwrap.dedent(source))
+    info = root / f"{dist}-1.2.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
+    (info / "entry_points.txt").write_text(f"[normzoo]\n{entry_name} = {module}\n")
+    return root
+
+
+GOOD_PLUGIN = '''
+    import torch
+    from torch import nn
+    import normzoo
+
+    class Scale(nn.Module):
+        """Multiplies by a learnable per-channel factor; no statistics."""
+
+        def __init__(self, num_features, layout, factor):
+            super().__init__()
+            shape = (num_features,) + (1, 1) * (layout == "conv")
+            self.scale = nn.Parameter(torch.full(shape, factor))
+
+        def forward(self, x):
+            return x * self.scale
+
+    @normzoo.hookimpl
+    def normzoo_register_norms(register):
+        register(normzoo.NormInfo(
+            name="third-party-scale", summary="a third party's per-channel scale",
+            layouts=("fc", "conv"), uses_batch_stats=False, factory=Scale,
+            options=(normzoo.Option("factor", float, 1.0, "initial scale"),),
+            reference="tests",
+        ))
+'''
+
+BROKEN_PLUGIN = '''
+    raise RuntimeError("this plugin is broken on purpose")
+'''
+
+
+@pytest.fixture
+def fake_site(tmp_path, monkeypatch):
+    """A site directory on sys.path holding a good and a broken third-party plugin."""
+    site = tmp_path / "site"
+    install_fake_distribution(site, "normzoo_scale", "normzoo_scale", GOOD_PLUGIN, "scale")
+    install_fake_distribution(site, "normzoo_broken", "normzoo_broken", BROKEN_PLUGIN, "broken")
+    monkeypatch.syspath_prepend(str(site))
+    yield site
+    for module in ("normzoo_scale", "normzoo_broken"):
+        sys.modules.pop(module, None)

@@ -1,0 +1,107 @@
+"""The LeNet harness end to end on a data subset: real training, real files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import normzoo
+from normzoo.harness.experiment import RunConfig, run_experiment
+from normzoo.harness.model import build_lenet
+
+SMALL = dict(epochs=2, train_subset=3000, test_subset=1000, device="cpu")
+
+
+def test_lenet_has_a_norm_after_every_conv_and_hidden_fc_layer():
+    model = build_lenet("batchnorm")
+    norms = [m for m in model if type(m).__name__ == "BatchNorm"]
+    assert [(n.num_features, n.layout) for n in norms] == [(6, "conv"), (16, "conv"), (120, "fc"), (84, "fc")]
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("placement, expected", [("conv", [6, 16]), ("fc", [120, 84]), ("none", [])])
+def test_placement_selects_the_normalized_layers(placement, expected):
+    model = build_lenet("torch-batchnorm", placement=placement)
+    assert [m.num_features for m in model if isinstance(m, nn.modules.batchnorm._BatchNorm)] == expected
+
+
+def test_options_activation_bias_and_dropout():
+    model = build_lenet("layernorm", activation="relu", bias_before_norm=False, dropout=0.5)
+    layers = [m for m in model if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert [m.bias is None for m in layers] == [True, True, True, True, False]
+    assert sum(isinstance(m, nn.ReLU) for m in model) == 4
+    assert [m.p for m in model if isinstance(m, nn.Dropout)] == [0.5, 0.5]
+
+
+def test_bad_model_options_are_named():
+    with pytest.raises(normzoo.NormzooError, match="unknown activation 'tanh'; valid activations: relu, sigmoid"):
+        build_lenet(activation="tanh")
+    with pytest.raises(normzoo.UnknownNormError):
+        build_lenet("nope", placement="none")
+
+
+def test_short_training_run_learns_and_saves_everything(tmp_path):
+    result = run_experiment(RunConfig(norm="batchnorm", runs_dir=str(tmp_path), **SMALL), progress=False)
+    assert result.status == "finished"
+    assert len(result.epochs) == 2 and result.epochs[-1].test_acc > 0.6  # chance is 0.1
+    assert all(m.examples_per_sec > 0 for m in result.epochs)
+    path = result.directory.path
+    metrics = json.loads((path / "metrics.json").read_text())
+    assert metrics["status"] == "finished"
+    assert [row["test_acc"] for row in metrics["epochs"]] == [m.test_acc for m in result.epochs]
+    config = json.loads((path / "config.json").read_text())
+    assert config["config"]["norm"] == "batchnorm" and config["train_examples"] == 3000
+    assert config["resolved_norm_options"] == {"eps": 1e-5, "momentum": 0.1}
+    assert (path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    restored = build_lenet("batchnorm")
+    restored.load_state_dict(torch.load(path / "model.pt", weights_only=True))
+    assert not list(path.glob(".*.tmp"))
+
+
+def test_same_seed_gives_the_same_numbers(tmp_path):
+    config = RunConfig(norm="layernorm", runs_dir=str(tmp_path), epochs=1, train_subset=1000, test_subset=500)
+    first = run_experiment(config, progress=False).epochs[0]
+    second = run_experiment(config, progress=False).epochs[0]
+    assert (first.train_loss, first.test_acc) == (second.train_loss, second.test_acc)
+
+
+class ExplodesInSecondEpoch(nn.Module):
+    """A deliberately unstable norm: returns inf once it has seen 4 training batches."""
+
+    def __init__(self, num_features: int, layout: str):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+        return x * float("inf") if self.calls > 4 else x
+
+
+def test_divergence_stops_the_run_and_keeps_finished_epochs(tmp_path):
+    info = normzoo.NormInfo(
+        name="explodes", summary="becomes infinite", layouts=("fc", "conv"),
+        uses_batch_stats=False, factory=ExplodesInSecondEpoch,
+    )  # fmt: skip
+    config = RunConfig(
+        norm="explodes", placement="fc", runs_dir=str(tmp_path), epochs=3,
+        train_subset=1000, test_subset=200, batch_size=256,
+    )  # fmt: skip
+    with normzoo.register(info):
+        result = run_experiment(config, progress=False)
+    assert result.status == "diverged"
+    assert "epoch 2" in result.message and "'explodes'" in result.message
+    metrics = json.loads((result.directory.path / "metrics.json").read_text())
+    assert metrics["status"] == "diverged" and len(metrics["epochs"]) == 1
+    assert not (result.directory.path / "model.pt").exists()
+
+
+def test_bad_run_settings_are_named(tmp_path):
+    with pytest.raises(normzoo.NormzooError, match="lr must be > 0, got -1"):
+        run_experiment(RunConfig(lr=-1, runs_dir=str(tmp_path)), progress=False)
+    with pytest.raises(normzoo.NormzooError, match="unknown device 'gpu0'"):
+        run_experiment(RunConfig(device="gpu0", runs_dir=str(tmp_path)), progress=False)
+    assert not list(tmp_path.iterdir())
