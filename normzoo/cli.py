@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-bias-before-norm", dest="bias_before_norm", action="store_false",
         help="drop the bias of conv/fc layers that feed a norm",
     )  # fmt: skip
-    run.add_argument("--dropout", type=float, default=0.0, help="dropout after the hidden fc layers")
+    run.add_argument(
+        "--dropout", type=float, default=0.0, help="dropout after the hidden fc layers"
+    )
     run.add_argument("--epochs", type=_positive_int, default=10)
     run.add_argument("--lr", type=float, default=1.0, help="SGD learning rate")
     run.add_argument("--batch-size", type=_positive_int, default=256)
@@ -81,8 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         "FashionMNIST/raw layout); default: the copy bundled with normzoo",
     )  # fmt: skip
     run.add_argument("--download", action="store_true", help="fetch the data into --data-dir first")
-    run.add_argument("--train-subset", type=_positive_int, default=None, help="use the first N training examples")
-    run.add_argument("--test-subset", type=_positive_int, default=None, help="use the first N test examples")
+    run.add_argument(
+        "--train-subset", type=_positive_int, default=None, help="use the first N training examples"
+    )
+    run.add_argument(
+        "--test-subset", type=_positive_int, default=None, help="use the first N test examples"
+    )
     run.add_argument("--runs-dir", default="runs", help="parent directory of the run directories")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     run.set_defaults(handler=_run)
@@ -123,7 +129,9 @@ def _run(args: argparse.Namespace) -> int:
         runs_dir=args.runs_dir,
     )
     try:
-        result = run_experiment(config, progress=args.progress, on_epoch=lambda m: print(m.summary()))
+        result = run_experiment(
+            config, progress=args.progress, on_epoch=lambda m: print(m.summary())
+        )
     except KeyboardInterrupt:
         print("\ninterrupted; finished epochs are saved under", args.runs_dir, file=sys.stderr)
         return 130
@@ -167,7 +175,11 @@ def _info(args: argparse.Namespace) -> int:
 def _plugins(args: argparse.Namespace) -> int:
     for record in normzoo.plugins():
         origin = f"{record.distribution} {record.version}".strip() or "in-process"
-        state = f"norms: {', '.join(record.norms)}" if record.error is None else f"FAILED: {record.error}"
+        state = (
+            f"norms: {', '.join(record.norms)}"
+            if record.error is None
+            else f"FAILED: {record.error}"
+        )
         print(f"{record.name} ({origin}): {state}")
     return 0
 

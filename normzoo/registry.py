@@ -260,7 +260,9 @@ class Registry:
         except KeyError:
             raise UnknownNormError(suggest("norm", str(name), self._norms)) from None
 
-    def build(self, name: str, num_features: int, layout: str = "conv", **options: Any) -> nn.Module:
+    def build(
+        self, name: str, num_features: int, layout: str = "conv", **options: Any
+    ) -> nn.Module:
         """Build norm ``name`` for ``num_features`` channels in ``layout`` with ``options``.
 
         Options may be typed values or strings (as from the command line); both are converted

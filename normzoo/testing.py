@@ -126,10 +126,16 @@ def check_train_eval(norm: NormInfo, registry: Registry) -> None:
         if norm.uses_batch_stats:
             assert depends, f"{where}: uses_batch_stats=True, yet train output ignores the batch"
             buffers = {key for key, value in before.items() if value.is_floating_point()}
-            changed = [key for key in buffers if not torch.equal(module.state_dict()[key], before[key])]
-            assert not buffers or changed, f"{where}: train forward updated none of {sorted(buffers)}"
+            changed = [
+                key for key in buffers if not torch.equal(module.state_dict()[key], before[key])
+            ]
+            assert not buffers or changed, (
+                f"{where}: train forward updated none of {sorted(buffers)}"
+            )
         else:
-            assert not depends, f"{where}: uses_batch_stats=False, yet train output depends on the batch"
+            assert not depends, (
+                f"{where}: uses_batch_stats=False, yet train output depends on the batch"
+            )
 
 
 def check_state_dict_round_trip(norm: NormInfo, registry: Registry) -> None:
@@ -187,7 +193,9 @@ def check_to_moves_state(norm: NormInfo, registry: Registry) -> None:
                 if isinstance(target, torch.dtype) and tensor.is_floating_point():
                     assert tensor.dtype == target, f"{where}: {name} stayed {tensor.dtype}"
                 if isinstance(target, torch.device):
-                    assert tensor.device.type == target.type, f"{where}: {name} stayed on {tensor.device}"
+                    assert tensor.device.type == target.type, (
+                        f"{where}: {name} stayed on {tensor.device}"
+                    )
             plain = _plain_tensor_attributes(module)
             assert not plain, f"{where}: tensors kept as plain attributes: {plain}"
             dtype = target if isinstance(target, torch.dtype) else torch.float32
@@ -213,7 +221,9 @@ def check_gradcheck(norm: NormInfo, registry: Registry) -> None:
         params = tuple(p.detach().clone().requires_grad_(True) for p in module.parameters())
         x = sample_input(shape, torch.float64).requires_grad_(True)
 
-        def forward(x: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
+        def forward(
+            x: torch.Tensor, *values: torch.Tensor, module: nn.Module = module, names=names
+        ) -> torch.Tensor:
             return functional_call(module, dict(zip(names, values, strict=True)), (x,))
 
         for training in (True, False):
@@ -249,7 +259,9 @@ def check_deterministic(norm: NormInfo, registry: Registry) -> None:
                 first = module(sample_input(SHAPES[layout], seed=4))
                 second = module(sample_input(SHAPES[layout], seed=4))
             assert torch.equal(first, second), f"{_where(norm, layout)}: eval is not repeatable"
-        assert torch.equal(outputs[0], outputs[1]), f"{_where(norm, layout)}: same seed, other output"
+        assert torch.equal(outputs[0], outputs[1]), (
+            f"{_where(norm, layout)}: same seed, other output"
+        )
 
 
 def check_batch_of_one(norm: NormInfo, registry: Registry) -> None:
@@ -268,7 +280,9 @@ def check_batch_of_one(norm: NormInfo, registry: Registry) -> None:
         except ValueError as error:
             assert str(error), f"{_where(norm, layout)}: ValueError without a message"
         else:
-            raise AssertionError(f"{_where(norm, layout)}: a batch of one was accepted in train mode")
+            raise AssertionError(
+                f"{_where(norm, layout)}: a batch of one was accepted in train mode"
+            )
 
 
 CHECKS: dict[str, Check] = {

@@ -13,7 +13,6 @@ from torch import nn
 
 from normzoo.hookspecs import hookimpl
 from normzoo.interface import NormInfo, Option
-
 from normzoo_plugins.batchnorm import EPS, MOMENTUM
 
 

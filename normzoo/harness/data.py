@@ -127,7 +127,9 @@ def _read_split(directory: Path, split: str) -> Split:
     images = read_idx(image_path, ndim=3)
     labels = read_idx(label_path, ndim=1)
     if len(images) != len(labels):
-        raise DataError(f"{image_path} has {len(images)} images but {label_path} {len(labels)} labels")
+        raise DataError(
+            f"{image_path} has {len(images)} images but {label_path} {len(labels)} labels"
+        )
     if labels.max(initial=0) >= len(CLASSES):
         raise DataError(f"{label_path} holds label {labels.max()}; Fashion-MNIST labels are 0-9")
     image_tensor = torch.from_numpy(images.copy()).unsqueeze(1).float().div_(255.0)
@@ -148,7 +150,9 @@ def download(directory: Path) -> None:
             ) from None
 
 
-def load_fashion_mnist(data_dir: Path | str | None = None, download_missing: bool = False) -> FashionMNIST:
+def load_fashion_mnist(
+    data_dir: Path | str | None = None, download_missing: bool = False
+) -> FashionMNIST:
     """Load both splits, from ``data_dir`` or from the bundled copy when it is ``None``."""
     directory = Path(data_dir).expanduser() if data_dir is not None else bundled_dir()
     if download_missing:

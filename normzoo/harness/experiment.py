@@ -12,7 +12,6 @@ from __future__ import annotations
 import platform
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +20,13 @@ import normzoo
 from normzoo.harness.data import load_fashion_mnist
 from normzoo.harness.model import build_lenet
 from normzoo.harness.runs import RunDirectory
-from normzoo.harness.train import EpochMetrics, TrainingDiverged, resolve_device, train
+from normzoo.harness.train import (
+    EpochMetrics,
+    TrainingDiverged,
+    batch_bounds,
+    resolve_device,
+    train,
+)
 from normzoo.interface import NormzooError
 
 
@@ -91,6 +96,7 @@ def run_experiment(
     data = load_fashion_mnist(config.data_dir, config.download)
     data = type(data)(data.train.subset(config.train_subset), data.test.subset(config.test_subset))
     data = data.to(device)
+    batch_bounds(len(data.train), config.batch_size)  # fail before creating the run directory
 
     directory = RunDirectory.create(config.runs_dir, config.norm)
     directory.write_config(

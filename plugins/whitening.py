@@ -1,0 +1,337 @@
+"""Whitening norms: decorrelated batch norm (``zca``) and iterative normalization (``iternorm``).
+
+Both whiten groups of channels instead of standardizing each channel on its own. In ``train()``
+mode the input is viewed as a ``(C, m)`` matrix (``m = N`` for ``fc``, ``N * H * W`` for
+``conv``), its channels are split into groups of ``g = min(group_size, C)`` (the last group may
+be smaller) and, for each group::
+
+    Xc    = X - mean(X)                        (centred, g x m)
+    Sigma = Xc Xc^T / m + eps I                (biased, in float64)
+    W     = f(Sigma)  ~  Sigma^-1/2
+    y     = gamma * (W Xc) + beta              (gamma, beta per channel)
+
+Grouping makes the whitening matrix block diagonal: the cost is ``O(C g m)`` for the covariance
+and for ``W Xc`` plus ``O(C g^2)`` per matrix function, instead of ``O(C^2 m + C^3)``.
+
+The two norms differ only in ``f``:
+
+``zca``
+    ``W = U diag(lambda)^-1/2 U^T`` from ``eigh``, the exact symmetric (ZCA) inverse square root;
+    its backward is the gap-free Daleckii-Krein formula of :class:`InvSqrtm`.
+``iternorm``
+    ``T`` coupled Newton-Schulz steps on ``Sigma / tr(Sigma)``; only matrix products, so autograd
+    differentiates it; ``T = 5`` whitens partially, by design.
+
+Running statistics follow torch's convention ``running = (1 - momentum) * running + momentum *
+batch``. The running covariance averages the *unbiased* batch covariance ``Xc Xc^T / (m - 1)``
+(without ``eps``, as batch norm's running variance); eval uses ``W = f(running_cov + eps I)``.
+Averaging ``Sigma`` rather than ``W`` matters: ``Sigma -> Sigma^-1/2`` is operator convex, so a
+mean of batch ``W`` s is larger than ``W`` of the mean covariance and would over-whiten at eval.
+The eval ``W`` is computed once and cached in a non-persistent buffer until the next training
+step or ``load_state_dict``.
+
+Storage: ``running_cov`` and the cached ``W`` have shape ``(groups, g, g)``; when the last group
+has ``r < g`` channels, its block is padded with the identity beyond ``r``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from normzoo.hookspecs import hookimpl
+from normzoo.interface import NormInfo, Option, check_batch_size, check_input
+from normzoo.stats import channel_shape, from_channel_matrix, to_channel_matrix
+from normzoo_plugins.batchnorm import MOMENTUM
+
+
+def _eye_like(sigma: torch.Tensor) -> torch.Tensor:
+    return torch.eye(sigma.shape[-1], dtype=sigma.dtype, device=sigma.device)
+
+
+def _padding_eye(size: int, used: int, like: torch.Tensor) -> torch.Tensor:
+    """``(size, size)`` diagonal with ones on the ``size - used`` padding positions only."""
+    return torch.diag((torch.arange(size, device=like.device) >= used).to(like.dtype))
+
+
+class InvSqrtm(torch.autograd.Function):
+    """``Sigma -> Sigma^-1/2`` of symmetric positive definite ``(..., k, k)`` matrices by ``eigh``.
+
+    Forward: the input is symmetrized, ``A = (Sigma + Sigma^T) / 2`` (``eigh`` reads one
+    triangle only, so this makes the function, and its gradient, well defined for any square
+    input), then ``A = U diag(lambda) U^T`` and ``W = U diag(1 / s) U^T`` with ``s = sqrt(lambda)``,
+    symmetrized again against rounding.
+    Eigenvalues are floored at ``float_eps * lambda_max`` so that rounding cannot make them
+    negative; with ``eps > 0`` added to ``Sigma`` the floor never binds in practice.
+
+    Backward (Daleckii-Krein): the derivative of a matrix function ``f`` at ``A`` in direction
+    ``E`` is ``U (L o (U^T E U)) U^T`` with ``L_ij`` the divided difference
+    ``(f(lambda_i) - f(lambda_j)) / (lambda_i - lambda_j)``, ``f'(lambda_i)`` on ties. For
+    ``f = lambda^-1/2`` it simplifies to ``L_ij = -1 / (s_i s_j (s_i + s_j))``, with no
+    ``lambda_i - lambda_j`` left in it: finite and accurate when eigenvalues (nearly) coincide,
+    where autograd through ``eigh`` divides by the gap and returns inf or noise. ``L`` is
+    symmetric, so the adjoint is the same map applied to the symmetrized upstream gradient::
+
+        dL/dSigma = U (L o (U^T sym(G) U)) U^T,   sym(G) = (G + G^T) / 2
+    """
+
+    @staticmethod
+    def forward(ctx: Any, sigma: torch.Tensor) -> torch.Tensor:
+        lam, u = torch.linalg.eigh((sigma + sigma.mT) / 2)
+        tiny = torch.finfo(lam.dtype).tiny
+        floor = torch.finfo(lam.dtype).eps * lam.amax(dim=-1, keepdim=True).clamp_min(tiny)
+        s = torch.maximum(lam, floor).sqrt()
+        ctx.save_for_backward(u, s)
+        w = (u / s.unsqueeze(-2)) @ u.mT
+        return (w + w.mT) / 2  # exactly symmetric, not just up to rounding
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        u, s = ctx.saved_tensors
+        inner = u.mT @ ((grad + grad.mT) / 2) @ u
+        s_i, s_j = s.unsqueeze(-1), s.unsqueeze(-2)
+        return u @ (inner / -(s_i * s_j * (s_i + s_j))) @ u.mT
+
+
+def inv_sqrtm(sigma: torch.Tensor) -> torch.Tensor:
+    """Symmetric inverse square root ``Sigma^-1/2`` of SPD ``(..., k, k)`` matrices (ZCA ``W``).
+
+    Differentiable with the gap-free backward of :class:`InvSqrtm`.
+    """
+    return InvSqrtm.apply(sigma)
+
+
+def newton_schulz_inv_sqrt(sigma: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Approximate ``Sigma^-1/2`` by ``iterations`` coupled Newton-Schulz steps (IterNorm's ``W``).
+
+    ``Sigma`` is first scaled to ``Sigma_N = Sigma / tr(Sigma)``, whose eigenvalues lie in
+    ``(0, 1]``, the region where the iteration converges. Then, from ``Y = Sigma_N, Z = I``::
+
+        M = (3 I - Z Y) / 2,   Y <- Y M,   Z <- M Z        (Y -> Sigma_N^1/2, Z -> Sigma_N^-1/2)
+
+    and ``W = Z / sqrt(tr Sigma)``. An eigenvalue ``a`` of ``Sigma_N`` far below 1 grows its
+    ``Z`` value by about 1.5x per step until it nears ``a^-1/2``, then converges quadratically,
+    so a small ``iterations`` (IterNorm's 5) stretches the weak directions only partly: partial
+    whitening, by design. The coupled form feeds ``Y`` and ``Z`` back into each other, so rounding
+    errors do not grow with ``iterations``; the uncoupled ``P <- (3P - P^3 Sigma_N) / 2`` of the
+    reference code drifts and diverges beyond about 10 to 15 steps.
+    """
+    eye = _eye_like(sigma)
+    trace = sigma.diagonal(dim1=-2, dim2=-1).sum(dim=-1)[..., None, None]
+    y = sigma / trace
+    z = eye.expand_as(sigma)
+    for _ in range(iterations):
+        m = (3 * eye - z @ y) / 2
+        y, z = y @ m, m @ z
+    return z / trace.sqrt()
+
+
+class GroupWhitening(nn.Module):
+    """Base of the whitening norms: grouping, running statistics, the eval cache and the affine.
+
+    Subclasses set ``NAME`` and implement :meth:`matrix_function`, ``W = f(Sigma)`` for a batch
+    of ``(..., k, k)`` float64 covariances that already include ``eps``.
+
+    Parameters
+    ----------
+    num_features:
+        Number of channels ``C``.
+    layout:
+        ``"fc"`` for ``(N, C)`` input, ``"conv"`` for ``(N, C, H, W)``.
+    group_size:
+        Channels whitened together; ``min(group_size, C)``, the last group may be smaller.
+    eps:
+        Added to the diagonal of each covariance before ``f``.
+    momentum:
+        Weight of the new batch in the running averages.
+    """
+
+    NAME = ""
+
+    def __init__(
+        self,
+        num_features: int,
+        layout: str,
+        group_size: int = 16,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.layout = layout
+        self.group_size = min(group_size, num_features)
+        self.num_groups = -(-num_features // self.group_size)
+        self.last_group_size = num_features - (self.num_groups - 1) * self.group_size
+        self.eps = eps
+        self.momentum = momentum
+        g = self.group_size
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        eye = torch.eye(g).expand(self.num_groups, g, g).clone()
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_cov", eye.clone())
+        self.register_buffer("eval_whitening", eye, persistent=False)
+        self._cache_valid = False
+
+    def matrix_function(self, sigma: torch.Tensor) -> torch.Tensor:
+        """``W = f(Sigma)`` for ``(..., k, k)`` float64 ``Sigma`` (eps included)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.num_features, self.layout, self.NAME)
+        matrix = to_channel_matrix(x)
+        if self.training:
+            check_batch_size(x, self.NAME)
+            mean = matrix.mean(dim=1, keepdim=True)
+            blocks = self._to_blocks(matrix - mean)
+            blocks64 = blocks.double()
+            count = blocks.shape[-1]
+            cov = blocks64 @ blocks64.mT / count
+            whitening = self.whitening_matrices(cov)
+            self._update_running_stats(mean.reshape(-1), cov, count)
+        else:
+            mean = self.running_mean.to(x.dtype).unsqueeze(1)
+            blocks = self._to_blocks(matrix - mean)
+            whitening = self._eval_whitening()
+        y = from_channel_matrix(self._from_blocks(whitening.to(x.dtype) @ blocks), x)
+        shape = channel_shape(self.num_features, self.layout)
+        return self.weight.reshape(shape) * y + self.bias.reshape(shape)
+
+    def whitening_matrices(self, cov: torch.Tensor) -> torch.Tensor:
+        """``W = f(cov + eps I)`` per group, ``(groups, g, g)``, identity-padded last block.
+
+        ``cov`` is ``(groups, g, g)`` without ``eps``; only the first ``r`` rows and columns of
+        the last block are read when the last group has ``r < g`` channels. The full groups go
+        through ``f`` as one batch, the last group on its own, so that ``f`` never sees the
+        padding (IterNorm's trace scaling would).
+        """
+        sigma = cov.double() + self.eps * _eye_like(cov).double()
+        g, r = self.group_size, self.last_group_size
+        if r == g:
+            return self.matrix_function(sigma)
+        last = self.matrix_function(sigma[-1:, :r, :r])
+        last = F.pad(last, (0, g - r, 0, g - r)) + _padding_eye(g, r, last)
+        return torch.cat([self.matrix_function(sigma[:-1]), last])
+
+    def _to_blocks(self, matrix: torch.Tensor) -> torch.Tensor:
+        """``(C, m) -> (groups, g, m)``, zero rows padding the last group."""
+        padding = self.num_groups * self.group_size - self.num_features
+        return F.pad(matrix, (0, 0, 0, padding)).reshape(self.num_groups, self.group_size, -1)
+
+    def _from_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        """``(groups, g, m) -> (C, m)``, dropping the padding rows."""
+        return blocks.reshape(self.num_groups * self.group_size, -1)[: self.num_features]
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, cov: torch.Tensor, count: int) -> None:
+        g, r = self.group_size, self.last_group_size
+        unbiased = cov * (count / (count - 1))
+        unbiased[-1] += _padding_eye(g, r, cov)
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+        self.running_cov.lerp_(unbiased.to(self.running_cov.dtype), self.momentum)
+        self._cache_valid = False
+
+    @torch.no_grad()
+    def _eval_whitening(self) -> torch.Tensor:
+        if not self._cache_valid:
+            self.eval_whitening.copy_(self.whitening_matrices(self.running_cov))
+            self._cache_valid = True
+        return self.eval_whitening
+
+    def reset_running_stats(self) -> None:
+        """Running mean back to zeros, running covariance back to the identity."""
+        with torch.no_grad():
+            self.running_mean.zero_()
+            self.running_cov.copy_(torch.eye(self.group_size).expand_as(self.running_cov))
+        self._cache_valid = False
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._cache_valid = False  # new running_cov: recompute the eval W
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, layout={self.layout!r}, group_size={self.group_size}, "
+            f"eps={self.eps}, momentum={self.momentum}"
+        )
+
+
+class ZCAWhitening(GroupWhitening):
+    """Decorrelated batch norm: exact ZCA whitening ``W = Sigma^-1/2`` by ``eigh``.
+
+    ZCA, not PCA (``diag(lambda)^-1/2 U^T``): PCA's output axes are the eigenvectors, whose
+    order and signs change from batch to batch, so the next layer sees a different rotation at
+    every step and training fails; ZCA rotates back, ``W`` is symmetric and unique, and the
+    output stays aligned with the input channels (permuting channels permutes the output).
+    """
+
+    NAME = "zca"
+
+    def matrix_function(self, sigma: torch.Tensor) -> torch.Tensor:
+        return inv_sqrtm(sigma)
+
+
+class IterNorm(GroupWhitening):
+    """Iterative normalization: ``W`` from ``iterations`` coupled Newton-Schulz steps.
+
+    See :func:`newton_schulz_inv_sqrt`; the other parameters are those of
+    :class:`GroupWhitening`.
+    """
+
+    NAME = "iternorm"
+
+    def __init__(
+        self,
+        num_features: int,
+        layout: str,
+        iterations: int = 5,
+        group_size: int = 16,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+    ) -> None:
+        super().__init__(num_features, layout, group_size, eps, momentum)
+        self.iterations = iterations
+
+    def matrix_function(self, sigma: torch.Tensor) -> torch.Tensor:
+        return newton_schulz_inv_sqrt(sigma, self.iterations)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, iterations={self.iterations}"
+
+
+GROUP_SIZE = Option(
+    "group_size", int, 16, "channels whitened together (the last group may be smaller)", 1
+)
+EPS = Option("eps", float, 1e-5, "added to the diagonal of each covariance", minimum=0.0)
+ITERATIONS = Option("iterations", int, 5, "Newton-Schulz steps T (5 whitens partially)", 1)
+
+
+@hookimpl
+def normzoo_register_norms(register: Callable[[NormInfo], None]) -> None:
+    register(
+        NormInfo(
+            name=ZCAWhitening.NAME,
+            summary="decorrelated batch norm: ZCA whitening of channel groups (eigh)",
+            layouts=("fc", "conv"),
+            uses_batch_stats=True,
+            factory=ZCAWhitening,
+            options=(GROUP_SIZE, EPS, MOMENTUM),
+            reference="Huang, Yang, Lang & Deng, Decorrelated Batch Normalization, CVPR 2018",
+        )
+    )
+    register(
+        NormInfo(
+            name=IterNorm.NAME,
+            summary="iterative normalization: Newton-Schulz whitening of channel groups",
+            layouts=("fc", "conv"),
+            uses_batch_stats=True,
+            factory=IterNorm,
+            options=(ITERATIONS, GROUP_SIZE, EPS, MOMENTUM),
+            reference="Huang, Zhou, Zhu, Liu & Shao, Iterative Normalization: Beyond "
+            "Standardization towards Efficient Whitening, CVPR 2019",
+        )
+    )
