@@ -76,7 +76,9 @@ class BatchNorm(nn.Module):
         self.num_batches_tracked += 1
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, layout={self.layout!r}, eps={self.eps}, momentum={self.momentum}"
+        return (
+            f"{self.num_features}, layout={self.layout!r}, eps={self.eps}, momentum={self.momentum}"
+        )
 
 
 EPS = Option("eps", float, 1e-5, "added to the variance before the square root", minimum=0.0)

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 
-def install_fake_distribution(root: Path, dist: str, module: str, source: str, entry_name: str) -> Path:
+def install_fake_distribution(
+    root: Path, dist: str, module: str, source: str, entry_name: str
+) -> Path:
     """Write ``module.py`` and a ``dist-info`` declaring it in the ``normzoo`` group under
     ``root``, exactly what ``pip install`` of a third-party plugin leaves behind."""
     root.mkdir(parents=True, exist_ok=True)
@@ -47,9 +49,9 @@ GOOD_PLUGIN = '''
         ))
 '''
 
-BROKEN_PLUGIN = '''
+BROKEN_PLUGIN = """
     raise RuntimeError("this plugin is broken on purpose")
-'''
+"""
 
 
 @pytest.fixture

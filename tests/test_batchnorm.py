@@ -75,5 +75,7 @@ def test_state_dict_loads_into_torch_batchnorm():
 
 def test_wrong_input_shape_names_layout_and_features():
     layer = normzoo.build("batchnorm", 16, layout="conv")
-    with pytest.raises(normzoo.LayoutError, match=r"\(N, C, H, W\) with C=16, got shape \(4, 8, 3, 3\)"):
+    with pytest.raises(
+        normzoo.LayoutError, match=r"\(N, C, H, W\) with C=16, got shape \(4, 8, 3, 3\)"
+    ):
         layer(torch.randn(4, 8, 3, 3))

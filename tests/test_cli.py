@@ -35,7 +35,10 @@ def test_plugins_shows_versions(capsys):
     [
         (["info", "layernrom"], "normzoo: error: unknown norm 'layernrom'; valid norms: layernorm"),
         (["run", "--norm", "batchnorm", "--norm-opt", "eps=tiny"], "expects float, got 'tiny'"),
-        (["run", "--norm", "none", "--norm-opt", "eps=1"], "norm 'none': unknown option 'eps'; valid options: (none)"),
+        (
+            ["run", "--norm", "none", "--norm-opt", "eps=1"],
+            "norm 'none': unknown option 'eps'; valid options: (none)",
+        ),
         (["run", "--download"], "--download needs --data-dir"),
         (["run", "--data-dir", "/nonexistent/fmnist"], "train-images-idx3-ubyte[.gz] not found"),
     ],
@@ -72,7 +75,11 @@ def test_console_script_runs_a_short_training(tmp_path):
 
 def test_help_explains_every_command():
     for argv in (["--help"], ["run", "--help"], ["info", "--help"]):
-        completed = subprocess.run([sys.executable, "-m", "normzoo", *argv], capture_output=True, text=True)
+        completed = subprocess.run(
+            [sys.executable, "-m", "normzoo", *argv], capture_output=True, text=True
+        )
         assert completed.returncode == 0 and "usage: normzoo" in completed.stdout
-    completed = subprocess.run([sys.executable, "-m", "normzoo", "run", "--help"], capture_output=True, text=True)
+    completed = subprocess.run(
+        [sys.executable, "-m", "normzoo", "run", "--help"], capture_output=True, text=True
+    )
     assert "--norm-opt KEY=VALUE" in completed.stdout and "(default: 1.0)" in completed.stdout

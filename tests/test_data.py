@@ -60,7 +60,9 @@ def data_copy(tmp_path):
 
 
 def test_missing_file_is_named(data_copy):
-    with pytest.raises(DataError, match=r"train-images-idx3-ubyte\[\.gz\] not found in .*--download"):
+    with pytest.raises(
+        DataError, match=r"train-images-idx3-ubyte\[\.gz\] not found in .*--download"
+    ):
         load_fashion_mnist(data_copy)
 
 
@@ -74,7 +76,9 @@ def test_truncated_gzip_is_named(data_copy):
 def test_truncated_payload_is_named(data_copy):
     path = data_copy / "t10k-labels-idx1-ubyte"
     path.write_bytes(gzip.decompress((data_copy / "t10k-labels-idx1-ubyte.gz").read_bytes())[:-10])
-    with pytest.raises(DataError, match=f"{path} is truncated or padded: .* 10000 bytes .* found 9990"):
+    with pytest.raises(
+        DataError, match=f"{path} is truncated or padded: .* 10000 bytes .* found 9990"
+    ):
         read_idx(path, ndim=1)
 
 

@@ -55,7 +55,11 @@ def test_third_party_distribution_is_discovered_and_conforms(fake_site):
     names = [norm.name for norm in registry.available()]
     assert "third-party-scale" in names and "batchnorm" in names
     record = {r.name: r for r in registry.plugins()}["scale"]
-    assert (record.distribution, record.version, record.builtin) == ("normzoo_scale", "1.2.3", False)
+    assert (record.distribution, record.version, record.builtin) == (
+        "normzoo_scale",
+        "1.2.3",
+        False,
+    )
     assert registry.info("third-party-scale").plugin == "scale"
     layer = registry.build("third-party-scale", 3, "fc", factor="2.5")
     torch.testing.assert_close(layer(torch.ones(2, 3)), torch.full((2, 3), 2.5))
@@ -107,17 +111,29 @@ def test_invalid_declaration_is_isolated(tmp_path, monkeypatch):
 
 
 def test_cli_lists_a_third_party_norm_and_survives_a_broken_one(fake_site):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake_site), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(fake_site), os.environ.get("PYTHONPATH", "")])
+    )
     listing = subprocess.run(
-        [sys.executable, "-m", "normzoo", "list"], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-m", "normzoo", "list"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "third-party-scale" in listing.stdout and "batchnorm" in listing.stdout
     assert "normzoo: warning: normzoo plugin 'broken' skipped" in listing.stderr
     plugins = subprocess.run(
-        [sys.executable, "-m", "normzoo", "plugins"], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-m", "normzoo", "plugins"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "scale (normzoo_scale 1.2.3): norms: third-party-scale" in plugins.stdout
-    assert "broken (normzoo_broken 1.2.3): FAILED: import of 'normzoo_broken' failed" in plugins.stdout
+    assert (
+        "broken (normzoo_broken 1.2.3): FAILED: import of 'normzoo_broken' failed" in plugins.stdout
+    )
 
 
 # -- lookups and options -------------------------------------------------------------------------
@@ -137,7 +153,9 @@ def test_unknown_norm_lists_valid_names_closest_first():
 
 
 def test_unknown_option_lists_valid_options_closest_first():
-    with pytest.raises(normzoo.OptionError, match=r"unknown option 'momentm'; valid options: momentum, eps"):
+    with pytest.raises(
+        normzoo.OptionError, match=r"unknown option 'momentm'; valid options: momentum, eps"
+    ):
         normzoo.build("batchnorm", 4, momentm=0.5)
 
 
@@ -167,7 +185,9 @@ def test_string_options_are_converted_by_declared_type():
 
 def test_unsupported_layout_names_the_supported_ones():
     with normzoo.register(make_info("conv-only", layouts=("conv",))):
-        with pytest.raises(normzoo.LayoutError, match="does not support layout 'fc'; supported: conv"):
+        with pytest.raises(
+            normzoo.LayoutError, match="does not support layout 'fc'; supported: conv"
+        ):
             normzoo.build("conv-only", 4, layout="fc")
     with pytest.raises(normzoo.LayoutError, match="unknown layout 'cnov'; valid layouts: conv, fc"):
         normzoo.build("batchnorm", 4, layout="cnov")
@@ -204,14 +224,18 @@ def test_register_a_plugin_object():
 
 
 def test_register_rejects_duplicates_naming_both_plugins():
-    with pytest.raises(normzoo.DuplicateNormError, match="both plugin 'batchnorm' and plugin 'mine'"):
+    with pytest.raises(
+        normzoo.DuplicateNormError, match="both plugin 'batchnorm' and plugin 'mine'"
+    ):
         normzoo.register(make_info("batchnorm"), name="mine")
     assert normzoo.info("batchnorm").plugin == "batchnorm"
 
 
 def test_a_failing_registration_leaves_nothing_behind():
     with pytest.raises(normzoo.DeclarationError, match="layouts"):
-        normzoo.register(make_info("fine-one"), make_info("bad-one", layouts=("3d",)), name="partial")
+        normzoo.register(
+            make_info("fine-one"), make_info("bad-one", layouts=("3d",)), name="partial"
+        )
     assert "fine-one" not in {n.name for n in normzoo.available()}
     assert "partial" not in {r.name for r in normzoo.plugins()}
 

@@ -31,9 +31,9 @@ class TextbookBatchNorm(nn.Module):
         else:
             mean = self.moving_mean.reshape(self.shape)
             var = self.moving_var.reshape(self.shape)
-        return self.gamma.reshape(self.shape) * (x - mean) / torch.sqrt(var + 1e-5) + self.beta.reshape(
-            self.shape
-        )
+        return self.gamma.reshape(self.shape) * (x - mean) / torch.sqrt(
+            var + 1e-5
+        ) + self.beta.reshape(self.shape)
 
 
 class HalfPrecisionOutput(nn.Module):
@@ -77,8 +77,11 @@ def registry_with(factory, uses_batch_stats: bool) -> Registry:
     registry = Registry(entry_points=False)
     registry.register(
         NormInfo(
-            name="candidate", summary="a norm under test", layouts=("fc", "conv"),
-            uses_batch_stats=uses_batch_stats, factory=factory,
+            name="candidate",
+            summary="a norm under test",
+            layouts=("fc", "conv"),
+            uses_batch_stats=uses_batch_stats,
+            factory=factory,
         )  # fmt: skip
     )
     return registry
@@ -90,7 +93,12 @@ def registry_with(factory, uses_batch_stats: bool) -> Registry:
         (TextbookBatchNorm, True, "to_moves_state", "plain attributes"),
         (TextbookBatchNorm, True, "state_dict_round_trip", "state_dict round trip"),
         (TextbookBatchNorm, True, "batch_of_one", "batch of one was accepted"),
-        (TextbookBatchNorm, False, "train_eval", "uses_batch_stats=False, yet train output depends"),
+        (
+            TextbookBatchNorm,
+            False,
+            "train_eval",
+            "uses_batch_stats=False, yet train output depends",
+        ),
         (nn.Identity, True, "train_eval", "uses_batch_stats=True, yet train output ignores"),
         (HalfPrecisionOutput, False, "shape_and_dtype", "output dtype torch.float16"),
         (WrongGradient, False, "gradcheck", "gradcheck failed"),
@@ -105,7 +113,9 @@ def test_check_fails_on_a_norm_that_breaks_its_rule(factory, uses_batch_stats, c
 
 def test_every_check_passes_on_torch_batch_norm_wrapped_as_a_third_party_would():
     registry = registry_with(
-        lambda num_features, layout: (nn.BatchNorm1d if layout == "fc" else nn.BatchNorm2d)(num_features),
+        lambda num_features, layout: (nn.BatchNorm1d if layout == "fc" else nn.BatchNorm2d)(
+            num_features
+        ),
         True,
     )
     from normzoo.testing import check_norm
