@@ -89,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--test-subset", type=_positive_int, default=None, help="use the first N test examples"
     )
+    run.add_argument(
+        "--precise-stats",
+        type=int,
+        default=0,
+        metavar="N",
+        help="before each test, re-estimate the norms' running statistics over N training "
+        "batches with frozen weights (0: keep the running averages, the book's protocol)",
+    )
     run.add_argument("--runs-dir", default="runs", help="parent directory of the run directories")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     run.set_defaults(handler=_run)
@@ -126,6 +134,7 @@ def _run(args: argparse.Namespace) -> int:
         download=args.download,
         train_subset=args.train_subset,
         test_subset=args.test_subset,
+        precise_stats=args.precise_stats,
         runs_dir=args.runs_dir,
     )
     try:

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 import normzoo
+from normzoo.harness.data import Split
 from normzoo.harness.experiment import RunConfig, run_experiment
 from normzoo.harness.model import build_lenet
-from normzoo.harness.train import batch_bounds
+from normzoo.harness.train import batch_bounds, reestimate_running_stats
 
 SMALL = dict(epochs=3, train_subset=4096, test_subset=1000, device="cpu")
 
@@ -144,3 +145,21 @@ def test_incomplete_last_batch_is_dropped_and_too_few_examples_are_named(tmp_pat
     with pytest.raises(normzoo.NormzooError, match="100 examples, fewer than one batch of 256"):
         run_experiment(config, progress=False)
     assert not list(tmp_path.iterdir())
+
+
+def test_precise_stats_replaces_running_averages_by_the_mean_over_batches():
+    """Independent reference: the plain mean of per-batch statistics, computed by hand."""
+    torch.manual_seed(0)
+    model = build_lenet("torch-batchnorm")
+    images = torch.rand(64, 1, 28, 28)
+    split = Split(images, torch.zeros(64, dtype=torch.long))
+    first_norm = model[1]
+    first_norm.running_mean.fill_(5.0)
+    generator = torch.Generator().manual_seed(3)
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        conv_out = model[0](images[order][:48]).reshape(3, 16, 6, 24, 24)
+    expected = conv_out.mean(dim=(1, 3, 4)).mean(dim=0)
+    assert reestimate_running_stats(model, split, 16, 3, generator) == 4
+    torch.testing.assert_close(first_norm.running_mean, expected)
+    assert first_norm.momentum == 0.1

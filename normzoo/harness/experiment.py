@@ -49,6 +49,7 @@ class RunConfig:
     download: bool = False
     train_subset: int | None = None
     test_subset: int | None = None
+    precise_stats: int = 0
     runs_dir: str = "runs"
 
     def validate(self) -> None:
@@ -56,6 +57,8 @@ class RunConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise NormzooError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.precise_stats < 0:
+            raise NormzooError(f"precise_stats must be >= 0, got {self.precise_stats}")
         if not self.lr > 0:
             raise NormzooError(f"lr must be > 0, got {self.lr}")
         for name in ("train_subset", "test_subset"):
@@ -132,6 +135,7 @@ def run_experiment(
         train(
             model, data, config.epochs, config.lr, config.batch_size, config.seed,
             label=config.norm, on_epoch=epoch_done, progress=progress,
+            precise_stats=config.precise_stats,
         )  # fmt: skip
     except TrainingDiverged as error:
         record("diverged", str(error))
