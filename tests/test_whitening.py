@@ -113,8 +113,10 @@ def test_group_size_one_is_batch_norm(norm):
 def random_spd(k: int, seed: int, eigenvalues=None) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(k, k, generator=gen, dtype=torch.float64))
-    lam = torch.rand(k, generator=gen, dtype=torch.float64) + 0.5 if eigenvalues is None else (
-        torch.tensor(eigenvalues, dtype=torch.float64)
+    lam = (
+        torch.rand(k, generator=gen, dtype=torch.float64) + 0.5
+        if eigenvalues is None
+        else (torch.tensor(eigenvalues, dtype=torch.float64))
     )
     return q @ torch.diag(lam) @ q.T
 

@@ -1,0 +1,21 @@
+"""The README's "write your own norm plugin" example works as printed."""
+
+import re
+import types
+from pathlib import Path
+
+from normzoo import Registry
+from normzoo.testing import check_norm
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_readme_plugin_example_registers_and_conforms():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    (source,) = [block for block in blocks if "normzoo_register_norms" in block]
+    plugin = types.ModuleType("my_norms")
+    exec(compile(source, "README.md", "exec"), plugin.__dict__)
+    registry = Registry(entry_points=False)
+    registry.register(plugin, name="my-norms")
+    assert [norm.name for norm in registry.available()] == ["rmsnorm"]
+    check_norm("rmsnorm", registry)
