@@ -48,3 +48,27 @@ def from_channel_matrix(matrix: torch.Tensor, like: torch.Tensor) -> torch.Tenso
     """Inverse of :func:`to_channel_matrix`: reshape ``(C, m)`` back to the shape of ``like``."""
     shape = (like.shape[1], like.shape[0]) + tuple(like.shape[2:])
     return matrix.reshape(shape).transpose(0, 1)
+
+
+def unbiased(biased: torch.Tensor, count: int) -> torch.Tensor:
+    """Bessel's correction of a variance or covariance estimated from ``count`` values."""
+    return biased * (count / (count - 1))
+
+
+@torch.no_grad()
+def update_running(running: torch.Tensor, batch: torch.Tensor, momentum: float) -> None:
+    """``running = (1 - momentum) * running + momentum * batch``, in place: torch's convention.
+
+    Every bundled norm updates its running statistics through this one function, which is
+    what lets the harness turn the exponential average into a plain mean over ``k`` batches by
+    setting ``momentum = 1/k`` (see ``normzoo.harness.train.reestimate_running_stats``).
+    """
+    running.lerp_(batch.to(running.dtype), momentum)
+
+
+def channel_affine(
+    y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, layout: str
+) -> torch.Tensor:
+    """``weight * y + bias`` with one ``(weight, bias)`` pair per channel of ``layout``."""
+    shape = channel_shape(weight.shape[0], layout)
+    return weight.reshape(shape) * y + bias.reshape(shape)

@@ -20,7 +20,14 @@ from torch import nn
 
 from normzoo.hookspecs import hookimpl
 from normzoo.interface import NormInfo, Option, check_batch_size, check_input
-from normzoo.stats import batch_moments, channel_shape, values_per_channel
+from normzoo.stats import (
+    batch_moments,
+    channel_affine,
+    channel_shape,
+    unbiased,
+    update_running,
+    values_per_channel,
+)
 
 NAME = "batchnorm"
 
@@ -66,13 +73,12 @@ class BatchNorm(nn.Module):
             mean = self.running_mean.reshape(shape)
             var = self.running_var.reshape(shape)
         x_hat = (x - mean) / torch.sqrt(var + self.eps)
-        return self.weight.reshape(shape) * x_hat + self.bias.reshape(shape)
+        return channel_affine(x_hat, self.weight, self.bias, self.layout)
 
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-        unbiased = var * (count / (count - 1))
-        self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
-        self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
+        update_running(self.running_mean, mean, self.momentum)
+        update_running(self.running_var, unbiased(var, count), self.momentum)
         self.num_batches_tracked += 1
 
     def extra_repr(self) -> str:

@@ -65,9 +65,12 @@ from normzoo.hookspecs import hookimpl
 from normzoo.interface import NormInfo, Option, check_batch_size, check_input
 from normzoo.stats import (
     batch_moments,
+    channel_affine,
     channel_shape,
     from_channel_matrix,
     to_channel_matrix,
+    unbiased,
+    update_running,
     values_per_channel,
 )
 
@@ -346,16 +349,15 @@ class PIT(nn.Module):
             z = to_channel_matrix(z)
             y = knot_pit(z, self.running_knots.to(z.dtype), self.delta)
         y = from_channel_matrix(y, x)
-        return self.weight.reshape(shape) * y + self.bias.reshape(shape)
+        return channel_affine(y, self.weight, self.bias, self.layout)
 
     @torch.no_grad()
     def _update_running_stats(
         self, mean: torch.Tensor, var: torch.Tensor, quantiles: torch.Tensor, count: int
     ) -> None:
-        unbiased = var * (count / (count - 1))
-        self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
-        self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
-        self.running_knots.lerp_(quantiles.to(self.running_knots.dtype), self.momentum)
+        update_running(self.running_mean, mean, self.momentum)
+        update_running(self.running_var, unbiased(var, count), self.momentum)
+        update_running(self.running_knots, quantiles, self.momentum)
         self.running_knots.copy_(self.running_knots.cummax(dim=1).values)
         self.num_batches_tracked += 1
 

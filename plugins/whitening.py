@@ -45,7 +45,13 @@ from torch.nn import functional as F
 
 from normzoo.hookspecs import hookimpl
 from normzoo.interface import NormInfo, Option, check_batch_size, check_input
-from normzoo.stats import channel_shape, from_channel_matrix, to_channel_matrix
+from normzoo.stats import (
+    channel_affine,
+    from_channel_matrix,
+    to_channel_matrix,
+    unbiased,
+    update_running,
+)
 from normzoo_plugins.batchnorm import MOMENTUM
 
 
@@ -198,8 +204,7 @@ class GroupWhitening(nn.Module):
             blocks = self._to_blocks(matrix - mean)
             whitening = self._eval_whitening()
         y = from_channel_matrix(self._from_blocks(whitening.to(x.dtype) @ blocks), x)
-        shape = channel_shape(self.num_features, self.layout)
-        return self.weight.reshape(shape) * y + self.bias.reshape(shape)
+        return channel_affine(y, self.weight, self.bias, self.layout)
 
     def whitening_matrices(self, cov: torch.Tensor) -> torch.Tensor:
         """``W = f(cov + eps I)`` per group, ``(groups, g, g)``, identity-padded last block.
@@ -229,10 +234,10 @@ class GroupWhitening(nn.Module):
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, cov: torch.Tensor, count: int) -> None:
         g, r = self.group_size, self.last_group_size
-        unbiased = cov * (count / (count - 1))
-        unbiased[-1] += _padding_eye(g, r, cov)
-        self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
-        self.running_cov.lerp_(unbiased.to(self.running_cov.dtype), self.momentum)
+        batch_cov = unbiased(cov, count)
+        batch_cov[-1] += _padding_eye(g, r, cov)
+        update_running(self.running_mean, mean, self.momentum)
+        update_running(self.running_cov, batch_cov, self.momentum)
         self._cache_valid = False
 
     @torch.no_grad()

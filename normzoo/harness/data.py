@@ -69,6 +69,10 @@ class FashionMNIST:
     def to(self, device: torch.device) -> FashionMNIST:
         return FashionMNIST(self.train.to(device), self.test.to(device))
 
+    def subset(self, train_size: int | None, test_size: int | None) -> FashionMNIST:
+        """The first ``train_size`` / ``test_size`` examples of each split (``None``: all)."""
+        return FashionMNIST(self.train.subset(train_size), self.test.subset(test_size))
+
 
 def bundled_dir() -> Path:
     """Directory of the Fashion-MNIST files shipped inside the package."""

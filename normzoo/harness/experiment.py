@@ -105,8 +105,7 @@ def run_experiment(
         config.bias_before_norm, config.dropout,
     ).to(device)  # fmt: skip
     data = load_fashion_mnist(config.data_dir, config.download)
-    data = type(data)(data.train.subset(config.train_subset), data.test.subset(config.test_subset))
-    data = data.to(device)
+    data = data.subset(config.train_subset, config.test_subset).to(device)
     batch_bounds(len(data.train), config.batch_size)  # fail before creating the run directory
 
     directory = RunDirectory.create(config.runs_dir, config.norm)
