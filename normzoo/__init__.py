@@ -16,18 +16,20 @@ from typing import Any
 
 from torch import nn
 
-from normzoo.hookspecs import hookimpl
-from normzoo.interface import (
+from normzoo.base import NormBase
+from normzoo.errors import (
     BatchSizeError,
     DeclarationError,
     DuplicateNormError,
     LayoutError,
-    NormInfo,
+    NormBuildError,
     NormzooError,
-    Option,
     OptionError,
     UnknownNormError,
 )
+from normzoo.hookspecs import hookimpl
+from normzoo.interface import AFFINE, EPS, MOMENTUM, NormInfo, Option
+from normzoo.layouts import LAYOUTS, Layout, get_layout
 from normzoo.registry import PluginLoadError, PluginRecord, PluginWarning, Registration, Registry
 
 try:
@@ -53,7 +55,9 @@ def info(name: str) -> NormInfo:
 
 
 def build(name: str, num_features: int, layout: str = "conv", **options: Any) -> nn.Module:
-    """Build norm ``name`` for ``num_features`` channels; see :meth:`Registry.build`."""
+    """Build norm ``name`` for ``num_features`` channels in ``layout`` (see
+    :mod:`normzoo.layouts`: ``fc``, ``conv1d``, ``conv``/``conv2d``, ``conv3d``, ``seq``);
+    see :meth:`Registry.build`."""
     return default_registry().build(name, num_features, layout, **options)
 
 
@@ -68,10 +72,17 @@ def plugins() -> list[PluginRecord]:
 
 
 __all__ = [
+    "AFFINE",
+    "EPS",
+    "LAYOUTS",
+    "MOMENTUM",
     "BatchSizeError",
     "DeclarationError",
     "DuplicateNormError",
+    "Layout",
     "LayoutError",
+    "NormBase",
+    "NormBuildError",
     "NormInfo",
     "NormzooError",
     "Option",
@@ -86,6 +97,7 @@ __all__ = [
     "available",
     "build",
     "default_registry",
+    "get_layout",
     "hookimpl",
     "info",
     "plugins",

@@ -1,87 +1,79 @@
 """What a norm plugin declares: :class:`NormInfo`, its :class:`Option` s, and their validation.
 
 A plugin describes each norm it ships with one :class:`NormInfo`: a name, a one-line summary,
-the layouts it accepts, whether it uses batch statistics, its options and a reference, plus a
+the layouts it accepts (see :mod:`normzoo.layouts`), whether it uses batch statistics, its
+options, an optional check of the options against the channel count, and a reference, plus a
 factory ``factory(num_features, layout, **options) -> nn.Module``. The registry validates the
-declaration once, when the plugin registers it; :meth:`NormInfo.resolve_options` validates the
-options of every build, so factories receive complete, typed keyword arguments only.
+declaration once, when the plugin registers it; :meth:`NormInfo.resolve_options` and
+:meth:`NormInfo.check` validate every build, so factories receive complete, typed, consistent
+keyword arguments only.
 
-Layouts:
-
-``fc``
-    input of shape ``(N, C)``, the output of a linear layer;
-``conv``
-    input of shape ``(N, C, H, W)``, the output of a 2-d convolution.
+The options most norms share (:data:`EPS`, :data:`MOMENTUM`, :data:`AFFINE`) are declared here,
+so that no plugin imports another plugin to reuse them.
 """
 
 from __future__ import annotations
 
-import difflib
+import inspect
+import math
+import numbers
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from torch import nn
 
-Layout = Literal["fc", "conv"]
-LAYOUTS: tuple[Layout, ...] = ("fc", "conv")
-#: Number of input dimensions of each layout, for input checks in norm modules.
-LAYOUT_NDIM: dict[str, int] = {"fc": 2, "conv": 4}
+from normzoo.errors import (
+    BatchSizeError,
+    DeclarationError,
+    DuplicateNormError,
+    LayoutError,
+    NormBuildError,
+    NormzooError,
+    OptionError,
+    UnknownNormError,
+    closest_first,
+    suggest,
+)
+from normzoo.layouts import ALIASES, LAYOUT_NAMES, get_layout
+
+#: Canonical layout names; kept here for code written against the first interface.
+LAYOUTS = LAYOUT_NAMES
 
 OptionType = type[int] | type[float] | type[bool] | type[str]
 NormFactory = Callable[..., nn.Module]
+#: ``check(options, num_features)``: raise :class:`OptionError` when the combination is invalid.
+NormCheck = Callable[[Mapping[str, Any], int], None]
+
+#: Names the registry passes to every factory itself, so no option may take them.
+RESERVED_OPTION_NAMES = frozenset({"num_features", "layout"})
 
 _NAME_PATTERN = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 _TRUE_WORDS = {"true", "yes", "on", "1"}
 _FALSE_WORDS = {"false", "no", "off", "0"}
+_NONE_WORDS = {"none", "null"}
 
-
-class NormzooError(ValueError):
-    """Base class of every error normzoo raises on bad input; its message is one line."""
-
-
-class UnknownNormError(NormzooError, KeyError):
-    """A norm name that no loaded plugin registered."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0])
-
-
-class OptionError(NormzooError):
-    """An unknown option, a value of the wrong type, or a value out of range."""
-
-
-class LayoutError(NormzooError):
-    """A layout the norm does not support, or an input whose shape does not fit the layout."""
-
-
-class DeclarationError(NormzooError):
-    """A plugin declared an invalid norm: bad name, layouts, options or factory."""
-
-
-class DuplicateNormError(NormzooError):
-    """Two plugins registered the same norm name."""
-
-
-class BatchSizeError(NormzooError):
-    """A training batch too small for a norm that uses batch statistics."""
-
-
-def closest_first(bad: str, valid: Iterable[str]) -> list[str]:
-    """Return ``valid`` sorted with the names closest to ``bad`` first, the rest alphabetical."""
-    pool = sorted(valid)
-    if not pool:
-        return []
-    close = difflib.get_close_matches(bad, pool, n=len(pool), cutoff=0.5)
-    return close + [name for name in pool if name not in close]
-
-
-def suggest(kind: str, bad: str, valid: Iterable[str]) -> str:
-    """One-line message: ``unknown <kind> 'bad'; valid: a, b, c`` (closest match first)."""
-    choices = closest_first(bad, valid)
-    listing = ", ".join(choices) if choices else "(none)"
-    return f"unknown {kind} {bad!r}; valid {kind}s: {listing}"
+__all__ = [
+    "AFFINE",
+    "EPS",
+    "LAYOUTS",
+    "MOMENTUM",
+    "BatchSizeError",
+    "DeclarationError",
+    "DuplicateNormError",
+    "LayoutError",
+    "NormBuildError",
+    "NormInfo",
+    "NormzooError",
+    "Option",
+    "OptionError",
+    "UnknownNormError",
+    "check_batch_size",
+    "check_input",
+    "closest_first",
+    "suggest",
+]
 
 
 @dataclass(frozen=True)
@@ -93,7 +85,8 @@ class Option:
     name:
         Python identifier, passed to the factory as a keyword argument.
     type:
-        ``int``, ``float``, ``bool`` or ``str``; command-line strings are converted to it.
+        ``int``, ``float``, ``bool`` or ``str``; command-line strings are converted to it, and
+        numpy scalars are accepted for numbers.
     default:
         Value used when the caller gives none; must itself be valid.
     help:
@@ -102,6 +95,14 @@ class Option:
         Inclusive bounds for numeric options, ``None`` for unbounded.
     choices:
         Allowed values of a ``str`` option, ``None`` for any string.
+    nullable:
+        ``None`` (``none`` on the command line) is a valid value, e.g. ``momentum=None`` for a
+        cumulative average.
+    exclusive_minimum:
+        The value must be strictly greater than ``minimum`` (``eps > 0``).
+
+    Float values must be finite: ``nan`` or ``inf`` would pass every range check and make a
+    run fail silently.
     """
 
     name: str
@@ -111,28 +112,52 @@ class Option:
     minimum: float | None = None
     maximum: float | None = None
     choices: tuple[str, ...] | None = None
+    nullable: bool = False
+    exclusive_minimum: bool = False
 
     def convert(self, value: Any, norm: str) -> Any:
         """Return ``value`` as this option's type, checked against its range.
 
         Strings (from the command line) are parsed; other values must already have the type,
-        except that an ``int`` is accepted for a ``float`` option. Raises :class:`OptionError`.
+        except that an integer is accepted for a ``float`` option. Raises :class:`OptionError`.
         """
         where = f"option {self.name!r} of norm {norm!r}"
+        if value is None or (
+            isinstance(value, str) and self.type is not str and value.strip().lower() in _NONE_WORDS
+        ):
+            if self.nullable:
+                return None
+            raise OptionError(f"{where} cannot be None; give a {self.type.__name__}")
         if isinstance(value, str) and self.type is not str:
             value = self._parse(value, where)
-        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+        value = self._from_number(value)
         if not isinstance(value, self.type) or (self.type is not bool and isinstance(value, bool)):
             raise OptionError(
                 f"{where} expects {self.type.__name__}, got {value!r} ({type(value).__name__})"
             )
-        if self.minimum is not None and value < self.minimum:
-            raise OptionError(f"{where} must be >= {self.minimum}, got {value!r}")
+        if self.type is float and not math.isfinite(value):
+            raise OptionError(f"{where} must be a finite number, got {value!r}")
+        if self.minimum is not None:
+            if self.exclusive_minimum and value <= self.minimum:
+                raise OptionError(f"{where} must be > {self.minimum}, got {value!r}")
+            if value < self.minimum:
+                raise OptionError(f"{where} must be >= {self.minimum}, got {value!r}")
         if self.maximum is not None and value > self.maximum:
             raise OptionError(f"{where} must be <= {self.maximum}, got {value!r}")
         if self.choices is not None and value not in self.choices:
             raise OptionError(f"{where}: {suggest('value', value, self.choices)}")
+        return value
+
+    def _from_number(self, value: Any) -> Any:
+        """Plain Python numbers from numpy (or other ``numbers``) scalars of the right kind."""
+        if self.type is bool:
+            return bool(value) if type(value).__name__ == "bool_" else value
+        if isinstance(value, bool) or type(value).__name__ == "bool_":
+            return value
+        if self.type is int and isinstance(value, numbers.Integral):
+            return int(value)
+        if self.type is float and isinstance(value, numbers.Real):
+            return float(value)
         return value
 
     def _parse(self, text: str, where: str) -> Any:
@@ -152,13 +177,32 @@ class Option:
         """``name (type, default X[, range]): help`` for listings."""
         bounds = []
         if self.minimum is not None:
-            bounds.append(f">= {self.minimum}")
+            bounds.append(f"{'>' if self.exclusive_minimum else '>='} {self.minimum}")
         if self.maximum is not None:
             bounds.append(f"<= {self.maximum}")
         if self.choices is not None:
             bounds.append("one of " + "|".join(self.choices))
+        if self.nullable:
+            bounds.append("or none")
         extra = f", {', '.join(bounds)}" if bounds else ""
         return f"{self.name} ({self.type.__name__}, default {self.default!r}{extra}): {self.help}"
+
+
+#: ``eps``: added to a variance before the square root; strictly positive, since ``eps = 0``
+#: divides a constant channel by zero (torch's own batch norm rejects it too).
+EPS = Option(
+    "eps", float, 1e-5, "added to the variance before the square root", 0.0,
+    exclusive_minimum=True,
+)  # fmt: skip
+#: ``momentum``: weight of the new batch in the running statistics, ``None`` for a cumulative
+#: average with equal weights (torch's convention for both).
+MOMENTUM = Option(
+    "momentum", float, 0.1, "weight of the new batch in the running statistics; none: "
+    "cumulative average", 0.0, 1.0, nullable=True,
+)  # fmt: skip
+#: ``affine``: learn a per-channel scale and shift after normalizing; ``False`` keeps them at
+#: 1 and 0 (``normzoo run --freeze-affine``).
+AFFINE = Option("affine", bool, True, "learn a per-channel scale (gamma) and shift (beta)")
 
 
 @dataclass(frozen=True)
@@ -172,29 +216,45 @@ class NormInfo:
     summary:
         One line for ``normzoo list``.
     layouts:
-        The layouts the factory accepts, a non-empty subset of ``("fc", "conv")``.
+        The layouts the factory accepts: names from :data:`normzoo.layouts.LAYOUTS` (an alias
+        such as ``conv2d`` is stored as its canonical name).
     uses_batch_stats:
         True when the output of an example in ``train()`` mode depends on the rest of the batch.
         Such a norm must reject a training batch with a single value per channel.
     factory:
-        ``factory(num_features, layout, **options) -> nn.Module``; receives every declared
-        option, converted and checked.
+        ``factory(num_features, layout, **options) -> nn.Module``; receives the canonical layout
+        name and every declared option, converted and checked. It must accept each declared
+        option as a keyword argument (checked at registration).
     options:
-        The declared options; the factory gets exactly these keyword arguments.
+        The declared options; the factory gets exactly these keyword arguments. ``layout`` and
+        ``num_features`` are reserved.
     reference:
         Paper or book section the norm follows.
+    check:
+        Optional ``check(options, num_features)`` run by ``build`` after the options are
+        resolved and before the factory; raises :class:`OptionError` for a combination that
+        cannot work, e.g. ``groups`` that does not divide ``num_features``.
+    version:
+        The version of the norm's math, bumped by its plugin whenever a change alters what the
+        norm computes (results cached by comparisons are keyed by it).
     plugin:
         Name of the plugin that registered it; filled in by the registry.
     """
 
     name: str
     summary: str
-    layouts: tuple[Layout, ...]
+    layouts: tuple[str, ...]
     uses_batch_stats: bool
     factory: NormFactory
     options: tuple[Option, ...] = ()
     reference: str = ""
+    check: NormCheck | None = None
+    version: str = "1"
     plugin: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layouts, tuple) and all(isinstance(x, str) for x in self.layouts):
+            object.__setattr__(self, "layouts", tuple(ALIASES.get(x, x) for x in self.layouts))
 
     def validate(self) -> None:
         """Check the declaration itself; raise :class:`DeclarationError` naming what is wrong."""
@@ -204,18 +264,34 @@ class NormInfo:
                 f"invalid norm name {self.name!r}: use lowercase letters and digits joined by "
                 "dashes, e.g. 'my-norm'"
             )
-        if not self.summary or "\n" in self.summary:
+        if not isinstance(self.summary, str) or not self.summary or "\n" in self.summary:
             raise DeclarationError(f"{where} needs a one-line summary")
-        if not self.layouts or any(layout not in LAYOUTS for layout in self.layouts):
+        if (
+            not isinstance(self.layouts, tuple)
+            or not self.layouts
+            or any(layout not in LAYOUT_NAMES for layout in self.layouts)
+        ):
             raise DeclarationError(
-                f"{where} declares layouts {self.layouts!r}; choose from {', '.join(LAYOUTS)}"
+                f"{where} declares layouts {self.layouts!r}; choose from a tuple of "
+                f"{', '.join(LAYOUT_NAMES)}"
             )
         if not callable(self.factory):
             raise DeclarationError(f"{where} has a factory that is not callable")
+        if self.check is not None and not callable(self.check):
+            raise DeclarationError(f"{where} has a check that is not callable")
+        if not isinstance(self.version, str) or not self.version:
+            raise DeclarationError(f"{where} needs a non-empty version string")
         seen: set[str] = set()
         for option in self.options:
+            if not isinstance(option, Option):
+                raise DeclarationError(f"{where} declares {option!r}, not a normzoo.Option")
             if not option.name.isidentifier() or option.name in seen:
                 raise DeclarationError(f"{where} declares a bad or repeated option {option.name!r}")
+            if option.name in RESERVED_OPTION_NAMES:
+                raise DeclarationError(
+                    f"{where} declares option {option.name!r}, a name the registry passes to "
+                    "every factory itself; rename the option"
+                )
             if option.type not in (int, float, bool, str):
                 raise DeclarationError(
                     f"{where}: option {option.name!r} has type {option.type!r}; "
@@ -226,6 +302,23 @@ class NormInfo:
                 option.convert(option.default, self.name)
             except OptionError as error:
                 raise DeclarationError(f"{where}: invalid default: {error}") from None
+        self._validate_factory_signature()
+
+    def _validate_factory_signature(self) -> None:
+        """The factory must accept ``(num_features, layout, **options)``, as ``build`` calls it."""
+        try:
+            signature = inspect.signature(self.factory)
+        except (TypeError, ValueError):
+            return  # builtins and some C callables have no signature to check
+        keywords = {option.name: option.default for option in self.options}
+        try:
+            signature.bind(1, "fc", **keywords)
+        except TypeError as error:
+            raise DeclarationError(
+                f"norm {self.name!r}: factory {getattr(self.factory, '__qualname__', self.factory)}"
+                f"{signature} cannot be called as factory(num_features, layout, "
+                f"{', '.join(keywords) + ', ' if keywords else ''}...): {error}"
+            ) from None
 
     def option(self, name: str) -> Option:
         """The declared option ``name``; :class:`OptionError` lists the valid ones otherwise."""
@@ -235,6 +328,10 @@ class NormInfo:
         valid = [option.name for option in self.options]
         raise OptionError(f"norm {self.name!r}: {suggest('option', name, valid)}")
 
+    def has_option(self, name: str) -> bool:
+        """True when the norm declares option ``name``."""
+        return any(option.name == name for option in self.options)
+
     def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Merge ``given`` over the defaults, converting and checking each value."""
         resolved = {option.name: option.default for option in self.options}
@@ -242,37 +339,52 @@ class NormInfo:
             resolved[key] = self.option(key).convert(value, self.name)
         return resolved
 
-    def check_layout(self, layout: str) -> None:
-        """Raise :class:`LayoutError` unless ``layout`` is one this norm supports."""
-        if layout not in self.layouts:
+    def check_options(self, options: Mapping[str, Any], num_features: int) -> None:
+        """Run the declared :attr:`check` on resolved ``options``; it raises :class:`OptionError`.
+
+        Any other exception from the check is a bug of the plugin and is reported as a
+        :class:`NormBuildError` naming the norm.
+        """
+        if self.check is None:
+            return
+        try:
+            self.check(options, num_features)
+        except NormzooError:
+            raise
+        except Exception as error:
+            raise NormBuildError(
+                f"the option check of norm {self.name!r} raised {type(error).__name__}: {error}"
+            ) from error
+
+    def check_layout(self, layout: str) -> str:
+        """The canonical name of ``layout``; :class:`LayoutError` unless the norm supports it."""
+        name = get_layout(layout).name
+        if name not in self.layouts:
             raise LayoutError(
                 f"norm {self.name!r} does not support layout {layout!r}; "
                 f"supported: {', '.join(self.layouts)}"
             )
+        return name
 
 
 def check_input(x: Any, num_features: int, layout: str, norm: str) -> None:
-    """Raise :class:`LayoutError` unless ``x`` is ``(N, C)`` / ``(N, C, H, W)`` with C features.
+    """Raise :class:`LayoutError` unless ``x`` fits ``layout`` with ``num_features`` channels.
 
-    Norm modules call this first so that a wrong shape is reported in normzoo's words rather
-    than as a broadcasting error from deep inside torch.
+    Norm modules call this first so that a wrong shape is reported in normzoo's words (naming
+    the norm, the layout and the shape) rather than as a broadcasting error from deep inside
+    torch.
     """
-    expected = "(N, C)" if layout == "fc" else "(N, C, H, W)"
-    if x.dim() != LAYOUT_NDIM[layout] or x.shape[1] != num_features:
-        raise LayoutError(
-            f"{norm} built for layout {layout!r} with {num_features} features expects input "
-            f"{expected} with C={num_features}, got shape {tuple(x.shape)}"
-        )
+    get_layout(layout).check_input(x, num_features, norm)
 
 
-def check_batch_size(x: Any, norm: str) -> None:
+def check_batch_size(x: Any, norm: str, layout: str = "conv") -> None:
     """Raise :class:`BatchSizeError` when a training batch has fewer than 2 values per channel.
 
     Batch statistics of a single value are meaningless (its variance is 0), so a norm that
     uses them refuses such a batch rather than silently returning zeros.
     """
-    values_per_channel = x.numel() // x.shape[1] if x.dim() > 1 and x.shape[1] else 0
-    if values_per_channel < 2:
+    values = get_layout(layout).values_per_channel(x) if x.numel() else 0
+    if values < 2:
         raise BatchSizeError(
             f"{norm} uses batch statistics and needs more than 1 value per channel in train "
             f"mode, got input of shape {tuple(x.shape)}; use a larger batch or call .eval()"

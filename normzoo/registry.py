@@ -2,24 +2,34 @@
 
 Every norm, bundled or not, comes from a plugin registered under the entry-point group
 ``normzoo``. Unlike ``PluginManager.load_setuptools_entrypoints``, which aborts on the first
-plugin that fails, :meth:`Registry.load` loads each entry point on its own: a plugin that fails
-to import, whose hook raises, or that declares an invalid or duplicate norm is skipped with a
-:class:`PluginWarning` and listed with its error by :meth:`Registry.plugins`; the other plugins
+plugin that fails, :meth:`Registry.load_entry_points` loads each entry point on its own: a
+plugin that fails to import (even with ``SystemExit``), whose hook raises, that implements a
+hook normzoo does not define (a misspelled name), that registers no norm, or that declares an
+invalid or duplicate norm is skipped with a :class:`PluginWarning` pointing at the plugin's own
+file, and listed with its error and traceback by :meth:`Registry.plugins`; the other plugins
 keep working. A plugin's norms are accepted all together or not at all. The bundled plugins
-load first, so a third-party norm that claims a bundled name is the one rejected.
+load first, so a third-party norm (or entry point) that claims a bundled name is the one
+rejected, with an error naming both.
 
 Environment variables:
 
 ``NORMZOO_STRICT_PLUGINS=1``
-    a plugin failure raises :class:`PluginLoadError` instead of warning (for CI and plugin
-    authors);
+    a plugin failure raises :class:`PluginLoadError` instead of warning, on that call and on
+    every later one (for CI and plugin authors);
 ``NORMZOO_BUILTIN_ONLY=1``
-    load only the entry points of the ``normzoo`` distribution itself, skipping third parties.
+    load only the entry points of the ``normzoo`` distribution itself, skipping third parties;
+``NORMZOO_DISABLE=name,...``
+    skip the plugins (entry-point names) listed, like pytest's ``-p no:name``.
+
+The two switches take ``1/true/yes/on`` or ``0/false/no/off`` (or empty); anything else is an
+error naming the variable.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import traceback as traceback_module
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -30,19 +40,23 @@ import pluggy
 from torch import nn
 
 from normzoo import hookspecs
-from normzoo.interface import (
+from normzoo.errors import (
     DuplicateNormError,
-    LayoutError,
-    NormInfo,
+    NormBuildError,
     NormzooError,
     UnknownNormError,
     suggest,
 )
+from normzoo.interface import NormInfo
 
 ENTRY_POINT_GROUP = "normzoo"
 BUILTIN_DISTRIBUTION = "normzoo"
 STRICT_ENV = "NORMZOO_STRICT_PLUGINS"
 BUILTIN_ONLY_ENV = "NORMZOO_BUILTIN_ONLY"
+DISABLE_ENV = "NORMZOO_DISABLE"
+
+_TRUE_WORDS = {"1", "true", "yes", "on"}
+_FALSE_WORDS = {"", "0", "false", "no", "off"}
 
 
 class PluginWarning(UserWarning):
@@ -53,20 +67,53 @@ class PluginLoadError(NormzooError):
     """A plugin failed to load while strict mode (``NORMZOO_STRICT_PLUGINS=1``) is on."""
 
 
+def env_flag(name: str) -> bool:
+    """The boolean environment variable ``name``; :class:`NormzooError` for other words."""
+    word = os.environ.get(name, "").strip().lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise NormzooError(
+        f"environment variable {name}={os.environ[name]!r} is not a switch; "
+        "use 1/true/yes/on or 0/false/no/off"
+    )
+
+
+def disabled_plugins() -> set[str]:
+    """Entry-point names listed in ``NORMZOO_DISABLE`` (comma separated)."""
+    return {name.strip() for name in os.environ.get(DISABLE_ENV, "").split(",") if name.strip()}
+
+
 @dataclass
 class PluginRecord:
-    """What the registry knows of one plugin: where it came from, its norms, its error."""
+    """What the registry knows of one plugin: where it came from, its norms, its error.
+
+    ``error`` is the one-line reason a plugin failed, ``exception`` the exception itself and
+    ``traceback`` its formatted traceback (``None`` when the failure was detected by the
+    registry rather than raised by the plugin, e.g. a misspelled hook). ``disabled`` is true
+    for a plugin skipped through ``NORMZOO_DISABLE``.
+    """
 
     name: str
     distribution: str = ""
     version: str = ""
     norms: list[str] = field(default_factory=list)
     error: str | None = None
+    exception: BaseException | None = field(default=None, repr=False)
+    traceback: str | None = field(default=None, repr=False)
+    disabled: bool = False
+    module: str = ""
 
     @property
     def builtin(self) -> bool:
         """True for the plugins bundled with normzoo itself."""
         return self.distribution == BUILTIN_DISTRIBUTION
+
+    @property
+    def failed(self) -> bool:
+        """True when the plugin was skipped because of an error."""
+        return self.error is not None
 
 
 class _InlinePlugin:
@@ -100,6 +147,10 @@ class Registration:
         self.undo()
 
 
+class _PluginFailure(Exception):
+    """A problem the registry itself found in a plugin (no traceback worth showing)."""
+
+
 class Registry:
     """Norms by name, gathered from plugins through one :class:`pluggy.PluginManager`.
 
@@ -116,7 +167,9 @@ class Registry:
         self._norms: dict[str, NormInfo] = {}
         self._plugins: dict[str, PluginRecord] = {}
         self._needs_entry_points = entry_points
+        self._strict_error: PluginLoadError | None = None
         self._inline_count = 0
+        self._builtin_only = False
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -124,40 +177,78 @@ class Registry:
         if self._needs_entry_points:
             self._needs_entry_points = False
             self.load_entry_points()
+        if self._strict_error is not None:
+            raise self._strict_error  # a strict failure stays one: never a partial registry
 
     def load_entry_points(self) -> None:
         """Load every plugin of the ``normzoo`` entry-point group, each in isolation.
 
-        Raises :class:`PluginLoadError` on the first failure only in strict mode.
+        Raises :class:`PluginLoadError` on the first failure in strict mode, and again on every
+        later use of this registry.
         """
-        builtin_only = os.environ.get(BUILTIN_ONLY_ENV, "") not in ("", "0")
+        strict = env_flag(STRICT_ENV)
+        self._builtin_only = env_flag(BUILTIN_ONLY_ENV)
+        disabled = disabled_plugins()
+        owners: dict[str, str] = {}  # entry-point name -> distribution that took it
         for entry_point in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=_load_order):
             distribution = _distribution_name(entry_point)
-            if builtin_only and distribution != BUILTIN_DISTRIBUTION:
+            if self._builtin_only and distribution != BUILTIN_DISTRIBUTION:
                 continue
-            if entry_point.name in self._plugins:
-                continue  # the same distribution seen twice on sys.path
             record = PluginRecord(
                 name=entry_point.name,
                 distribution=distribution,
                 version=entry_point.dist.version if entry_point.dist else "",
+                module=entry_point.module,
             )
+            if entry_point.name in owners:
+                if owners[entry_point.name] == distribution:
+                    continue  # the same distribution seen twice on sys.path
+                record.name = f"{entry_point.name} ({distribution})"
+                message = (
+                    f"entry-point name {entry_point.name!r} of distribution {distribution!r} is "
+                    f"already taken by distribution {owners[entry_point.name]!r}; rename the "
+                    "entry point in one of them"
+                )
+                self._fail(record, message, strict=strict)
+                continue
+            owners[entry_point.name] = distribution
+            if entry_point.name in disabled:
+                record.disabled = True
+                self._plugins[record.name] = record
+                continue
             try:
                 plugin = entry_point.load()
-            except Exception as error:  # a broken plugin must not take the others down
-                self._fail(record, f"import of {entry_point.value!r} failed: {_describe(error)}")
+            except (Exception, SystemExit) as error:  # a broken plugin must not take others down
+                message = f"import of {entry_point.value!r} failed: {_describe(error)}"
+                self._fail(record, message, error, strict=strict)
                 continue
-            self._add_plugin(plugin, record, isolate=True)
+            self._add_plugin(plugin, record, isolate=True, strict=strict)
 
-    def _fail(self, record: PluginRecord, message: str) -> None:
+    def _fail(
+        self,
+        record: PluginRecord,
+        message: str,
+        error: BaseException | None = None,
+        strict: bool = False,
+    ) -> None:
         record.error = message
+        record.norms = []
+        if error is not None and not isinstance(error, _PluginFailure):
+            record.exception = error
+            record.traceback = "".join(traceback_module.format_exception(error))
         self._plugins[record.name] = record
         text = f"normzoo plugin {record.name!r} skipped: {message}"
-        if os.environ.get(STRICT_ENV, "") not in ("", "0"):
-            raise PluginLoadError(text)
-        warnings.warn(text, PluginWarning, stacklevel=3)
+        if strict:
+            self._strict_error = PluginLoadError(text)
+            if error is not None:
+                self._strict_error.__cause__ = error
+            raise self._strict_error
+        filename, lineno = _plugin_location(record, error)
+        warnings.warn_explicit(text, PluginWarning, filename, lineno, module=record.module or None)
 
-    def _add_plugin(self, plugin: Any, record: PluginRecord, isolate: bool) -> None:
+    def _add_plugin(
+        self, plugin: Any, record: PluginRecord, isolate: bool, strict: bool = False
+    ) -> None:
         """Register ``plugin`` with pluggy, collect its norms, and commit them all or none."""
         collected: list[NormInfo] = []
         try:
@@ -165,13 +256,19 @@ class Registry:
         except Exception as error:
             if not isolate:
                 raise
-            self._fail(record, _describe(error))
+            self._fail(record, _describe(error), error, strict=strict)
             return
         try:
+            self._check_hooks(plugin, record.name)
             hook = self._manager.hook.normzoo_register_norms
             for implementation in hook.get_hookimpls():
                 if implementation.plugin is plugin:
                     implementation.function(register=collected.append)
+            if not collected:
+                raise _PluginFailure(
+                    "it registers no norm: its normzoo_register_norms hook called register() "
+                    "zero times"
+                )
             names: set[str] = set()
             for norm in collected:
                 if not isinstance(norm, NormInfo):
@@ -179,16 +276,36 @@ class Registry:
                 norm.validate()
                 self._check_unique(norm.name, record.name, names)
                 names.add(norm.name)
-        except Exception as error:
+        except (Exception, SystemExit) as error:
             self._manager.unregister(name=record.name)
             if not isolate:
+                if isinstance(error, _PluginFailure):
+                    raise NormzooError(f"plugin {record.name!r}: {error}") from None
                 raise
-            self._fail(record, _describe(error))
+            message = str(error) if isinstance(error, _PluginFailure) else _describe(error)
+            self._fail(record, message, error, strict=strict)
             return
         for norm in collected:
             self._norms[norm.name] = replace(norm, plugin=record.name)
             record.norms.append(norm.name)
         self._plugins[record.name] = record
+
+    def _check_hooks(self, plugin: Any, name: str) -> None:
+        """Reject hook implementations normzoo has no spec for (a misspelled hook name, which
+        pluggy's ``check_pending`` would report for the whole manager), and a plugin with no
+        ``normzoo_register_norms`` implementation at all."""
+        callers = self._manager.get_hookcallers(plugin) or []
+        unknown = sorted(caller.name for caller in callers if not caller.has_spec())
+        if unknown:
+            raise _PluginFailure(
+                f"it implements unknown hook {unknown[0]!r}; "
+                f"{suggest('hook', unknown[0], ['normzoo_register_norms'])}"
+            )
+        if not any(caller.name == "normzoo_register_norms" for caller in callers):
+            raise _PluginFailure(
+                "it registers no norm: no function decorated with @normzoo.hookimpl named "
+                "normzoo_register_norms"
+            )
 
     def _check_unique(self, name: str, plugin: str, same_plugin: set[str]) -> None:
         if name in same_plugin:
@@ -218,7 +335,8 @@ class Registry:
         Registration
             Call ``.undo()`` or use it as a context manager to remove the norms again.
 
-        Errors (invalid declaration, duplicate name) are raised here, not isolated.
+        Errors (invalid declaration, duplicate name, no norm registered) are raised here, not
+        isolated.
         """
         self._ensure_loaded()
         if items and all(isinstance(item, NormInfo) for item in items):
@@ -253,12 +371,29 @@ class Registry:
         return [self._norms[name] for name in sorted(self._norms)]
 
     def info(self, name: str) -> NormInfo:
-        """The :class:`NormInfo` of ``name``; :class:`UnknownNormError` lists valid names."""
+        """The :class:`NormInfo` of ``name``; :class:`UnknownNormError` lists valid names and
+        says which plugins failed to load or were skipped, since the norm may be theirs."""
         self._ensure_loaded()
         try:
             return self._norms[name]
-        except KeyError:
-            raise UnknownNormError(suggest("norm", str(name), self._norms)) from None
+        except (KeyError, TypeError):
+            message = suggest("norm", str(name), self._norms) + self._missing_plugins_hint()
+            raise UnknownNormError(message) from None
+
+    def _missing_plugins_hint(self) -> str:
+        hints = []
+        failed = [record.name for record in self._plugins.values() if record.failed]
+        if failed:
+            hints.append(
+                f"plugin(s) {', '.join(map(repr, failed))} failed to load (see `normzoo plugins "
+                "--verbose`)"
+            )
+        disabled = [record.name for record in self._plugins.values() if record.disabled]
+        if disabled:
+            hints.append(f"{DISABLE_ENV} skips {', '.join(map(repr, disabled))}")
+        if self._builtin_only:
+            hints.append(f"{BUILTIN_ONLY_ENV} is set, so third-party plugins were not loaded")
+        return "".join(f"; {hint}" for hint in hints)
 
     def build(
         self, name: str, num_features: int, layout: str = "conv", **options: Any
@@ -266,19 +401,36 @@ class Registry:
         """Build norm ``name`` for ``num_features`` channels in ``layout`` with ``options``.
 
         Options may be typed values or strings (as from the command line); both are converted
-        by the declared option types. Raises :class:`UnknownNormError`, :class:`LayoutError` or
-        :class:`~normzoo.interface.OptionError` with a one-line message.
+        by the declared option types, then the norm's own :attr:`~NormInfo.check` runs, then
+        the factory, with the canonical layout name. Raises :class:`UnknownNormError`,
+        :class:`~normzoo.errors.LayoutError`, :class:`~normzoo.errors.OptionError`, or
+        :class:`~normzoo.errors.NormBuildError` when the factory raises (the factory's
+        exception is the ``__cause__``) or returns something that is not an ``nn.Module``.
         """
         norm = self.info(name)
-        if layout not in ("fc", "conv"):
-            raise LayoutError(suggest("layout", str(layout), ("fc", "conv")))
-        norm.check_layout(layout)
+        layout_name = norm.check_layout(layout)
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise NormzooError(f"num_features must be a positive int, got {num_features!r}")
-        return norm.factory(num_features, layout, **norm.resolve_options(options))
+        resolved = norm.resolve_options(options)
+        norm.check_options(resolved, num_features)
+        where = f"norm {name!r} (plugin {norm.plugin!r})"
+        try:
+            module = norm.factory(num_features, layout_name, **resolved)
+        except NormzooError:
+            raise
+        except Exception as error:
+            raise NormBuildError(
+                f"{where} failed to build for {num_features} features, layout {layout_name!r}: "
+                f"{_describe(error)}"
+            ) from error
+        if not isinstance(module, nn.Module):
+            raise NormBuildError(
+                f"{where}: its factory returned {type(module).__name__}, not a torch.nn.Module"
+            )
+        return module
 
     def plugins(self) -> list[PluginRecord]:
-        """Every plugin seen, loaded or failed, sorted by name."""
+        """Every plugin seen, loaded, failed or disabled, sorted by name."""
         self._ensure_loaded()
         return [self._plugins[name] for name in sorted(self._plugins)]
 
@@ -294,4 +446,23 @@ def _load_order(entry_point: metadata.EntryPoint) -> tuple[bool, str, str]:
 
 
 def _describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _plugin_location(record: PluginRecord, error: BaseException | None) -> tuple[str, int]:
+    """The file and line a warning about ``record`` should point at: the plugin's innermost
+    frame in the traceback, else its module's file, else the entry point's name."""
+    origin = ""
+    if record.module:
+        try:
+            spec = importlib.util.find_spec(record.module)
+        except (ImportError, ValueError):
+            spec = None
+        origin = spec.origin if spec and spec.origin else ""
+    if error is not None and error.__traceback__ is not None:
+        frames = traceback_module.extract_tb(error.__traceback__)
+        for frame in reversed(frames):
+            if origin and frame.filename == origin:
+                return frame.filename, frame.lineno or 1
+    return (origin or f"<normzoo plugin {record.name}>"), 1

@@ -1,53 +1,74 @@
-"""Batch statistics shared by norm plugins: per-channel moments and the channel-matrix view.
+"""Batch statistics shared by norm plugins: per-channel moments, the channel-matrix view, the
+running-average update and the per-channel affine.
 
-Everything here is plain autograd-friendly tensor code; a norm calls it on its input in
-``train()`` mode. The reduction runs over every dimension but the channel one: ``N`` for the
-``fc`` layout, ``N, H, W`` for ``conv``.
+Everything here is plain autograd-friendly tensor code. ``layout`` is a layout name or a
+:class:`~normzoo.layouts.Layout`; per-channel statistics reduce over every dimension but the
+channel one (``N`` for ``fc``, ``N, H, W`` for ``conv``, ``N, L`` for ``seq``).
+
+Low precision: float16 and bfloat16 inputs are normalized in float32, as torch's own norms do.
+A float16 variance of activations around 600 is 3.6e5, beyond float16's largest value 65504,
+so statistics computed in the input's precision overflow to inf and the output becomes 0 or
+NaN. :func:`compute_dtype` says which precision to compute in.
 """
 
 from __future__ import annotations
 
 import torch
 
-from normzoo.interface import LAYOUT_NDIM
+from normzoo.layouts import Layout, get_layout
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def reduce_dims(layout: str) -> tuple[int, ...]:
-    """Dimensions averaged over for per-channel statistics: ``(0,)`` or ``(0, 2, 3)``."""
-    return (0,) if LAYOUT_NDIM[layout] == 2 else (0, 2, 3)
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype to compute statistics in: float32 for float16/bfloat16, else ``x.dtype``."""
+    return torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
 
 
-def channel_shape(num_features: int, layout: str) -> tuple[int, ...]:
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in :func:`compute_dtype` (the same tensor when it already is)."""
+    return x.to(compute_dtype(x))
+
+
+def reduce_dims(layout: str | Layout) -> tuple[int, ...]:
+    """Dimensions averaged over for per-channel statistics, e.g. ``(0,)`` or ``(0, 2, 3)``."""
+    return get_layout(layout).reduce_dims
+
+
+def channel_shape(num_features: int, layout: str | Layout) -> tuple[int, ...]:
     """Shape that broadcasts a per-channel vector against an input of ``layout``."""
-    return (1, num_features) + (1,) * (LAYOUT_NDIM[layout] - 2)
+    return get_layout(layout).channel_shape(num_features)
 
 
-def batch_moments(x: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_moments(x: torch.Tensor, layout: str | Layout) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance of ``x``, kept broadcastable against ``x``.
 
     The variance is ``mean((x - mean)**2)``, the two-pass form, which loses no precision when
-    the mean is large compared with the spread (``E[x^2] - E[x]^2`` would).
+    the mean is large compared with the spread (``E[x^2] - E[x]^2`` would). Computed in
+    :func:`compute_dtype`.
     """
+    x = upcast(x)
     dims = reduce_dims(layout)
     mean = x.mean(dim=dims, keepdim=True)
     var = (x - mean).square().mean(dim=dims, keepdim=True)
     return mean, var
 
 
-def values_per_channel(x: torch.Tensor) -> int:
-    """How many values each channel has in ``x``: ``N`` or ``N * H * W``."""
-    return x.numel() // x.shape[1]
+def values_per_channel(x: torch.Tensor, layout: str | Layout) -> int:
+    """How many values each channel has in ``x``: ``N``, ``N * H * W``, ``N * L`` ..."""
+    return get_layout(layout).values_per_channel(x)
 
 
-def to_channel_matrix(x: torch.Tensor) -> torch.Tensor:
-    """View ``x`` of shape ``(N, C, ...)`` as a ``(C, m)`` matrix, ``m`` = values per channel."""
-    return x.transpose(0, 1).reshape(x.shape[1], -1)
+def to_channel_matrix(x: torch.Tensor, layout: str | Layout) -> torch.Tensor:
+    """View ``x`` of ``layout`` as a ``(C, m)`` matrix, ``m`` = values per channel."""
+    return get_layout(layout).to_channel_matrix(x)
 
 
-def from_channel_matrix(matrix: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def from_channel_matrix(
+    matrix: torch.Tensor, like: torch.Tensor, layout: str | Layout
+) -> torch.Tensor:
     """Inverse of :func:`to_channel_matrix`: reshape ``(C, m)`` back to the shape of ``like``."""
-    shape = (like.shape[1], like.shape[0]) + tuple(like.shape[2:])
-    return matrix.reshape(shape).transpose(0, 1)
+    return get_layout(layout).from_channel_matrix(matrix, like)
 
 
 def unbiased(biased: torch.Tensor, count: int) -> torch.Tensor:
@@ -56,19 +77,31 @@ def unbiased(biased: torch.Tensor, count: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def update_running(running: torch.Tensor, batch: torch.Tensor, momentum: float) -> None:
-    """``running = (1 - momentum) * running + momentum * batch``, in place: torch's convention.
+def update_running(running: torch.Tensor, batch: torch.Tensor, weight: float) -> None:
+    """``running = (1 - weight) * running + weight * batch``, in place: torch's convention.
 
-    Every bundled norm updates its running statistics through this one function, which is
-    what lets the harness turn the exponential average into a plain mean over ``k`` batches by
-    setting ``momentum = 1/k`` (see ``normzoo.harness.train.reestimate_running_stats``).
+    ``weight`` is the momentum, or ``1 / k`` at the ``k``-th batch for a cumulative average
+    (see :meth:`normzoo.NormBase.running_average_weight`).
     """
-    running.lerp_(batch.to(running.dtype), momentum)
+    running.lerp_(batch.to(running.dtype), weight)
 
 
 def channel_affine(
-    y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, layout: str
+    y: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    layout: str | Layout,
 ) -> torch.Tensor:
-    """``weight * y + bias`` with one ``(weight, bias)`` pair per channel of ``layout``."""
-    shape = channel_shape(weight.shape[0], layout)
-    return weight.reshape(shape) * y + bias.reshape(shape)
+    """``weight * y + bias`` with one ``(weight, bias)`` pair per channel of ``layout``.
+
+    ``None`` for both (a norm built with ``affine=False``) returns ``y`` unchanged. The
+    parameters are cast to ``y``'s dtype, so float16 parameters work with a float32 ``y``.
+    """
+    if weight is None and bias is None:
+        return y
+    layout = get_layout(layout)
+    if weight is not None:
+        y = y * weight.to(y.dtype).reshape(layout.channel_shape(weight.shape[0]))
+    if bias is not None:
+        y = y + bias.to(y.dtype).reshape(layout.channel_shape(bias.shape[0]))
+    return y

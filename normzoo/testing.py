@@ -1,7 +1,9 @@
 """The conformance suite every norm must pass, usable from a third party's own tests.
 
-Each check takes a norm name and raises ``AssertionError`` (naming the norm, layout and what
-went wrong) when the norm breaks the contract of :mod:`normzoo.interface`. Run them all with
+Each check takes a :class:`Subject` (a norm, the registry it is in, the options and channel
+count to build it with) and raises ``AssertionError`` naming the norm, the layout and what went
+wrong when the norm breaks the contract of :mod:`normzoo.interface`. Every check runs over every
+layout the norm declares, with the shapes of :mod:`normzoo.layouts`. Run them all with
 :func:`check_norm`, or one pytest case per check::
 
     import pytest
@@ -10,31 +12,76 @@ went wrong) when the norm breaks the contract of :mod:`normzoo.interface`. Run t
     @pytest.mark.parametrize("check", CONFORMANCE_CHECKS)
     def test_my_norm_conforms(check):
         run_check(check, "my-norm")
+        run_check(check, "my-norm", options={"groups": 4}, num_features=8)
 
-The checks build each norm with its default options, for every layout it declares, on small
-random inputs, so the whole suite takes well under a second per norm on a CPU.
+The checks use small random inputs, so the whole suite takes about a second per norm on a CPU.
 """
 
 from __future__ import annotations
 
+import copy
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
+from normzoo.errors import LayoutError
 from normzoo.interface import NormInfo
+from normzoo.layouts import LAYOUT_NAMES, Layout, get_layout
 from normzoo.registry import Registry
 
+#: Channels of the test inputs unless the caller gives ``num_features``.
 NUM_FEATURES = 4
-#: Input shapes per layout: enough values per channel for stable batch statistics.
-SHAPES = {"fc": (16, NUM_FEATURES), "conv": (4, NUM_FEATURES, 3, 3)}
-#: Smaller shapes for gradcheck, which costs one forward per input element.
-GRADCHECK_SHAPES = {"fc": (6, 3), "conv": (2, 3, 2, 2)}
+#: Channels of the (smaller) gradcheck inputs unless the caller gives ``num_features``;
+#: gradcheck costs two forwards per input element.
+GRADCHECK_FEATURES = 2
 
-Check = Callable[[NormInfo, Registry], None]
+
+@dataclass(frozen=True)
+class Subject:
+    """A norm under test: what to build and how.
+
+    Parameters
+    ----------
+    norm:
+        The declaration, from ``registry.info(name)``.
+    registry:
+        Where the norm is registered.
+    options:
+        Options for every build (defaults for the rest).
+    num_features:
+        Channel count of the test inputs; ``None`` for :data:`NUM_FEATURES`, and for
+        :data:`GRADCHECK_FEATURES` in gradcheck.
+    """
+
+    norm: NormInfo
+    registry: Registry
+    options: Mapping[str, Any] = field(default_factory=dict)
+    num_features: int | None = None
+
+    @property
+    def channels(self) -> int:
+        return self.num_features or NUM_FEATURES
+
+    @property
+    def layouts(self) -> list[Layout]:
+        return [get_layout(name) for name in self.norm.layouts]
+
+    def build(self, layout: Layout, num_features: int | None = None) -> nn.Module:
+        return self.registry.build(
+            self.norm.name, num_features or self.channels, layout.name, **self.options
+        )
+
+    def where(self, layout: Layout) -> str:
+        return f"norm {self.norm.name!r}, layout {layout.name!r}"
+
+
+Check = Callable[[Subject], None]
 
 
 def _default_registry() -> Registry:
@@ -44,29 +91,41 @@ def _default_registry() -> Registry:
 
 
 def sample_input(
-    shape: tuple[int, ...], dtype: torch.dtype = torch.float32, seed: int = 0
+    shape: tuple[int, ...],
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    layout: str | Layout = "conv",
 ) -> torch.Tensor:
     """A reproducible input whose channels have different means and scales."""
+    layout = get_layout(layout) if len(shape) != 2 else get_layout("fc")
+    axis = layout.channel_axis if len(shape) == layout.ndim else 1
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=generator, dtype=torch.float64)
-    channels = torch.arange(shape[1], dtype=torch.float64)
-    view = (1, shape[1]) + (1,) * (len(shape) - 2)
+    channels = torch.arange(shape[axis], dtype=torch.float64)
+    view = tuple(shape[axis] if d == axis else 1 for d in range(len(shape)))
     return (x * (1.0 + channels).reshape(view) + (channels - 1.5).reshape(view)).to(dtype)
 
 
-def _build(norm: NormInfo, registry: Registry, layout: str, num_features: int = NUM_FEATURES):
-    return registry.build(norm.name, num_features, layout)
+def input_shape(layout: Layout, num_features: int) -> tuple[int, ...]:
+    """Shape of the suite's inputs: enough values per channel for stable batch statistics."""
+    return layout.test_shape(num_features, batch=16 if layout.ndim == 2 else 4)
 
 
-def _where(norm: NormInfo, layout: str) -> str:
-    return f"norm {norm.name!r}, layout {layout!r}"
+def gradcheck_shape(layout: Layout, num_features: int) -> tuple[int, ...]:
+    """A smaller shape for gradcheck: 6 examples for ``fc``, else 2 with sizes of 2."""
+    batch = 6 if layout.ndim == 2 else 2
+    return tuple(batch if d == "N" else num_features if d == "C" else 2 for d in layout.dims)
 
 
-def _train_once(module: nn.Module, layout: str, steps: int = 3) -> None:
+def _input(layout: Layout, num_features: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    return sample_input(input_shape(layout, num_features), dtype, seed, layout)
+
+
+def _train_once(subject: Subject, module: nn.Module, layout: Layout, steps: int = 3) -> None:
     module.train()
     with torch.no_grad():
         for seed in range(steps):
-            module(sample_input(SHAPES[layout], _dtype_of(module), seed=100 + seed))
+            module(_input(layout, subject.channels, _dtype_of(module), seed=100 + seed))
 
 
 def _dtype_of(module: nn.Module) -> torch.dtype:
@@ -80,37 +139,44 @@ def _state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {key: value.detach().clone() for key, value in module.state_dict().items()}
 
 
-def check_shape_and_dtype(norm: NormInfo, registry: Registry) -> None:
+def _eval_output(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    module.eval()
+    with torch.no_grad():
+        return module(x)
+
+
+def check_shape_and_dtype(subject: Subject) -> None:
     """The output has the input's shape and dtype, in train and eval, in float32 and float64."""
-    for layout in norm.layouts:
+    for layout in subject.layouts:
         for dtype in (torch.float32, torch.float64):
-            module = _build(norm, registry, layout).to(dtype)
-            x = sample_input(SHAPES[layout], dtype)
+            module = subject.build(layout).to(dtype)
+            x = _input(layout, subject.channels, dtype)
             for training in (True, False):
                 module.train(training)
                 with torch.no_grad():
                     y = module(x)
                 mode = "train" if training else "eval"
-                where = f"{_where(norm, layout)}, {dtype}, {mode}"
+                where = f"{subject.where(layout)}, {dtype}, {mode}"
+                assert isinstance(y, torch.Tensor), f"{where}: output is a {type(y).__name__}"
                 assert y.shape == x.shape, f"{where}: output shape {tuple(y.shape)} != input"
                 assert y.dtype == dtype, f"{where}: output dtype {y.dtype} != {dtype}"
                 assert torch.isfinite(y).all(), f"{where}: output is not finite"
 
 
-def check_train_eval(norm: NormInfo, registry: Registry) -> None:
+def check_train_eval(subject: Subject) -> None:
     """Eval is per example and leaves the state alone; train mixes the batch iff it should.
 
     In ``eval()`` mode an example's output must not depend on the rest of the batch and the
     state_dict must not change. In ``train()`` mode a norm declared ``uses_batch_stats`` must
     depend on the batch and update its buffers; any other norm must not depend on the batch.
     """
-    for layout in norm.layouts:
-        where = _where(norm, layout)
-        module = _build(norm, registry, layout)
-        x = sample_input(SHAPES[layout])
+    for layout in subject.layouts:
+        where = subject.where(layout)
+        module = subject.build(layout)
+        x = _input(layout, subject.channels)
         x_other = x.clone()
-        x_other[1:] = sample_input(SHAPES[layout], seed=1)[1:]
-        _train_once(module, layout)
+        x_other[1:] = _input(layout, subject.channels, seed=1)[1:]
+        _train_once(subject, module, layout)
         module.eval()
         before = _state(module)
         with torch.no_grad():
@@ -123,7 +189,7 @@ def check_train_eval(norm: NormInfo, registry: Registry) -> None:
         with torch.no_grad():
             first, second = module(x)[0], module(x_other)[0]
         depends = not torch.allclose(first, second, rtol=1e-5, atol=1e-6)
-        if norm.uses_batch_stats:
+        if subject.norm.uses_batch_stats:
             assert depends, f"{where}: uses_batch_stats=True, yet train output ignores the batch"
             buffers = {key for key, value in before.items() if value.is_floating_point()}
             changed = [
@@ -138,28 +204,181 @@ def check_train_eval(norm: NormInfo, registry: Registry) -> None:
             )
 
 
-def check_state_dict_round_trip(norm: NormInfo, registry: Registry) -> None:
+def _perturb_parameters(module: nn.Module, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # parameters away from their defaults, so defaults cannot pass
+        for parameter in module.parameters():
+            noise = torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
+            parameter.add_(0.1 * noise)
+
+
+def check_state_dict_round_trip(subject: Subject) -> None:
     """A trained module saved with ``torch.save`` and loaded into a fresh one behaves the same."""
-    for layout in norm.layouts:
-        trained = _build(norm, registry, layout)
-        _train_once(trained, layout)
-        with torch.no_grad():  # perturb parameters so that defaults cannot pass by accident
-            for parameter in trained.parameters():
-                parameter.add_(0.1 * torch.randn_like(parameter))
+    for layout in subject.layouts:
+        trained = subject.build(layout)
+        _train_once(subject, trained, layout)
+        _perturb_parameters(trained)
         buffer = io.BytesIO()
         torch.save(trained.state_dict(), buffer)
         buffer.seek(0)
-        fresh = _build(norm, registry, layout)
+        fresh = subject.build(layout)
         fresh.load_state_dict(torch.load(buffer, weights_only=True))
-        trained.eval()
-        fresh.eval()
-        x = sample_input(SHAPES[layout], seed=7)
-        with torch.no_grad():
-            expected, actual = trained(x), fresh(x)
-        assert torch.equal(expected, actual), (
-            f"{_where(norm, layout)}: eval output differs after a state_dict round trip; is some "
-            "state kept outside parameters and buffers?"
+        x = _input(layout, subject.channels, seed=7)
+        assert torch.equal(_eval_output(trained, x), _eval_output(fresh, x)), (
+            f"{subject.where(layout)}: eval output differs after a state_dict round trip; is "
+            "some state kept outside parameters and buffers?"
         )
+
+
+def check_deepcopy(subject: Subject) -> None:
+    """``copy.deepcopy`` of a trained module (as EMA models, probes and DDP's replicas make)
+    gives the same eval output, and training the copy leaves the original alone."""
+    for layout in subject.layouts:
+        original = subject.build(layout)
+        _train_once(subject, original, layout)
+        x = _input(layout, subject.channels, seed=7)
+        before = _eval_output(original, x)
+        clone = copy.deepcopy(original)
+        assert torch.equal(_eval_output(clone, x), before), (
+            f"{subject.where(layout)}: a deepcopy gives another eval output"
+        )
+        _train_once(subject, clone, layout)
+        assert torch.equal(_eval_output(original, x), before), (
+            f"{subject.where(layout)}: training a deepcopy changed the original"
+        )
+
+
+def check_instances_are_independent(subject: Subject) -> None:
+    """Training one instance changes nothing in another: no state shared through a
+    module-level tensor or any other object outside the module."""
+    for layout in subject.layouts:
+        bystander = subject.build(layout)
+        x = _input(layout, subject.channels, seed=7)
+        state, output = _state(bystander), _eval_output(bystander, x)
+        trained = subject.build(layout)
+        _train_once(subject, trained, layout, steps=4)
+        with torch.no_grad():
+            trained.train()(_input(layout, subject.channels, seed=9) * 3 + 5)
+        for key, value in bystander.state_dict().items():
+            assert torch.equal(value, state[key]), (
+                f"{subject.where(layout)}: training another instance changed {key!r} of this "
+                "one; is state shared through a module-level tensor?"
+            )
+        assert torch.equal(_eval_output(bystander, x), output), (
+            f"{subject.where(layout)}: training another instance changed this one's output"
+        )
+
+
+def check_eval_uses_parameters(subject: Subject) -> None:
+    """Every learned parameter affects the output in train and in eval mode (a norm whose eval
+    branch forgets ``weight`` or ``bias`` fails)."""
+    for layout in subject.layouts:
+        module = subject.build(layout)
+        _train_once(subject, module, layout)
+        x = _input(layout, subject.channels, seed=7)
+        for name, parameter in list(module.named_parameters()):
+            for training in (True, False):
+                module.train(training)
+                state = _state(module)
+                with torch.no_grad():
+                    before = module(x)
+                    module.load_state_dict(state)  # train-mode forwards move running stats
+                    parameter.add_(0.5 + parameter.abs())
+                    after = module(x)
+                    module.load_state_dict(state)
+                mode = "train" if training else "eval"
+                assert not torch.allclose(before, after), (
+                    f"{subject.where(layout)}: changing parameter {name!r} does not change the "
+                    f"{mode}-mode output"
+                )
+
+
+def _other_layouts(subject: Subject, layout: Layout, x: torch.Tensor) -> list[torch.Tensor]:
+    """Inputs that do not fit ``layout``: one dimension more, one fewer, other channels."""
+    wrong = [x.unsqueeze(-1), x.narrow(x.dim() - 1, 0, 1).squeeze(-1)]
+    shape = list(x.shape)
+    shape[layout.channel_axis] += 1
+    wrong.append(torch.randn(shape))
+    return [w for w in wrong if w.dim() >= 1]
+
+
+def check_rejects_wrong_shapes(subject: Subject) -> None:
+    """An input that does not fit the layout (other rank, other channel count) is rejected with
+    a one-line ``ValueError`` (``normzoo.LayoutError`` is one), in train and eval; a layout the
+    norm does not declare is rejected at build time."""
+    for layout in subject.layouts:
+        module = subject.build(layout)
+        x = _input(layout, subject.channels)
+        for wrong in _other_layouts(subject, layout, x):
+            for training in (True, False):
+                module.train(training)
+                where = f"{subject.where(layout)}, input {tuple(wrong.shape)}"
+                try:
+                    with torch.no_grad():
+                        module(wrong)
+                except ValueError as error:
+                    message = str(error)
+                    assert message and "\n" not in message.strip(), (
+                        f"{where}: the error is not one line: {message!r}"
+                    )
+                except Exception as error:
+                    raise AssertionError(
+                        f"{where}: rejected with {type(error).__name__} instead of a ValueError "
+                        f"naming the layout: {error}"
+                    ) from error
+                else:
+                    raise AssertionError(f"{where}: an input of the wrong shape was accepted")
+    for name in LAYOUT_NAMES:
+        if name not in subject.norm.layouts:
+            try:
+                subject.build(get_layout(name))
+            except LayoutError:
+                continue
+            raise AssertionError(f"norm {subject.norm.name!r}: undeclared layout {name!r} built")
+
+
+def _noncontiguous(x: torch.Tensor) -> torch.Tensor:
+    """The same values as ``x`` in a non-contiguous tensor (every other element of a larger
+    one, with the dimensions stored in reverse order)."""
+    wide = torch.zeros(tuple(reversed(x.shape)) + (2,), dtype=x.dtype)
+    reordered = wide.permute(*reversed(range(x.dim())), x.dim())[..., 0]
+    reordered.copy_(x)
+    assert not reordered.is_contiguous()
+    return reordered
+
+
+def _memory_layouts(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    variants = {"non-contiguous": _noncontiguous(x)}
+    if x.dim() == 4:
+        variants["channels_last"] = x.contiguous(memory_format=torch.channels_last)
+    if x.dim() == 5:
+        variants["channels_last_3d"] = x.contiguous(memory_format=torch.channels_last_3d)
+    return variants
+
+
+def check_memory_format(subject: Subject) -> None:
+    """Channels-last and non-contiguous inputs give the output and running statistics of the
+    same values in a contiguous tensor, in train and eval."""
+    for layout in subject.layouts:
+        x = _input(layout, subject.channels, seed=5)
+        for label, variant in _memory_layouts(x).items():
+            reference, candidate = subject.build(layout), subject.build(layout)
+            where = f"{subject.where(layout)}, {label} input"
+            for training in (True, False):
+                reference.train(training)
+                candidate.train(training)
+                with torch.no_grad():
+                    expected, actual = reference(x), candidate(variant)
+                mode = "train" if training else "eval"
+                torch.testing.assert_close(
+                    actual.contiguous(), expected, rtol=1e-5, atol=1e-5,
+                    msg=lambda m, where=where, mode=mode: f"{where}, {mode}: {m}",
+                )  # fmt: skip
+            for key, value in reference.state_dict().items():
+                torch.testing.assert_close(
+                    candidate.state_dict()[key], value, rtol=1e-5, atol=1e-6,
+                    msg=lambda m, where=where, key=key: f"{where}: {key}: {m}",
+                )  # fmt: skip
 
 
 def _plain_tensor_attributes(module: nn.Module) -> list[str]:
@@ -171,7 +390,7 @@ def _plain_tensor_attributes(module: nn.Module) -> list[str]:
     ]
 
 
-def check_to_moves_state(norm: NormInfo, registry: Registry) -> None:
+def check_to_moves_state(subject: Subject) -> None:
     """``.to()`` converts every tensor of the module: no state hides in plain attributes.
 
     Plain tensor attributes escape ``.to()``, ``state_dict`` and DDP; state must live in
@@ -180,15 +399,13 @@ def check_to_moves_state(norm: NormInfo, registry: Registry) -> None:
     targets: list[torch.device | torch.dtype] = [torch.float64]
     if torch.cuda.is_available():
         targets.append(torch.device("cuda"))
-    for layout in norm.layouts:
+    for layout in subject.layouts:
         for target in targets:
-            module = _build(norm, registry, layout)
-            _train_once(module, layout)
-            module.eval()
-            with torch.no_grad():
-                module(sample_input(SHAPES[layout]))  # fill any eval-time cache first
+            module = subject.build(layout)
+            _train_once(subject, module, layout)
+            _eval_output(module, _input(layout, subject.channels))  # fill any eval-time cache
             module.to(target)
-            where = f"{_where(norm, layout)}, .to({target})"
+            where = f"{subject.where(layout)}, .to({target})"
             for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
                 if isinstance(target, torch.dtype) and tensor.is_floating_point():
                     assert tensor.dtype == target, f"{where}: {name} stayed {tensor.dtype}"
@@ -200,7 +417,7 @@ def check_to_moves_state(norm: NormInfo, registry: Registry) -> None:
             assert not plain, f"{where}: tensors kept as plain attributes: {plain}"
             dtype = target if isinstance(target, torch.dtype) else torch.float32
             device = target if isinstance(target, torch.device) else torch.device("cpu")
-            x = sample_input(SHAPES[layout], dtype).to(device)
+            x = _input(layout, subject.channels, dtype).to(device)
             for training in (False, True):
                 module.train(training)
                 with torch.no_grad():
@@ -208,18 +425,19 @@ def check_to_moves_state(norm: NormInfo, registry: Registry) -> None:
                 assert y.device.type == device.type and y.dtype == dtype, where
 
 
-def check_gradcheck(norm: NormInfo, registry: Registry) -> None:
+def check_gradcheck(subject: Subject) -> None:
     """Analytic gradients w.r.t. input and parameters match finite differences in float64."""
-    for layout in norm.layouts:
-        shape = GRADCHECK_SHAPES[layout]
-        module = _build(norm, registry, layout, num_features=shape[1]).double()
+    channels = subject.num_features or GRADCHECK_FEATURES
+    for layout in subject.layouts:
+        shape = gradcheck_shape(layout, channels)
+        module = subject.build(layout, num_features=channels).double()
         module.train()
         with torch.no_grad():
             for seed in range(3):
-                module(sample_input(shape, torch.float64, seed=100 + seed))
+                module(sample_input(shape, torch.float64, 100 + seed, layout))
         names = [name for name, _ in module.named_parameters()]
         params = tuple(p.detach().clone().requires_grad_(True) for p in module.parameters())
-        x = sample_input(shape, torch.float64).requires_grad_(True)
+        x = sample_input(shape, torch.float64, 0, layout).requires_grad_(True)
 
         def forward(
             x: torch.Tensor, *values: torch.Tensor, module: nn.Module = module, names=names
@@ -231,7 +449,7 @@ def check_gradcheck(norm: NormInfo, registry: Registry) -> None:
             mode = "train" if training else "eval"
             with _frozen_buffers(module):
                 ok = torch.autograd.gradcheck(forward, (x, *params), raise_exception=False)
-            assert ok, f"{_where(norm, layout)}: float64 gradcheck failed in {mode} mode"
+            assert ok, f"{subject.where(layout)}: float64 gradcheck failed in {mode} mode"
 
 
 @contextmanager
@@ -244,51 +462,52 @@ def _frozen_buffers(module: nn.Module) -> Iterator[None]:
         module.load_state_dict(saved)
 
 
-def check_deterministic(norm: NormInfo, registry: Registry) -> None:
+def check_deterministic(subject: Subject) -> None:
     """Same seed, same module and same output; the same eval input twice, the same output."""
-    for layout in norm.layouts:
+    for layout in subject.layouts:
         outputs = []
         for _ in range(2):
             torch.manual_seed(1234)
-            module = _build(norm, registry, layout)
-            _train_once(module, layout)
+            module = subject.build(layout)
+            _train_once(subject, module, layout)
             with torch.no_grad():
-                outputs.append(module(sample_input(SHAPES[layout], seed=3)))
-            module.eval()
-            with torch.no_grad():
-                first = module(sample_input(SHAPES[layout], seed=4))
-                second = module(sample_input(SHAPES[layout], seed=4))
-            assert torch.equal(first, second), f"{_where(norm, layout)}: eval is not repeatable"
+                outputs.append(module(_input(layout, subject.channels, seed=3)))
+            first = _eval_output(module, _input(layout, subject.channels, seed=4))
+            second = _eval_output(module, _input(layout, subject.channels, seed=4))
+            assert torch.equal(first, second), f"{subject.where(layout)}: eval is not repeatable"
         assert torch.equal(outputs[0], outputs[1]), (
-            f"{_where(norm, layout)}: same seed, other output"
+            f"{subject.where(layout)}: same seed, other output"
         )
 
 
-def check_batch_of_one(norm: NormInfo, registry: Registry) -> None:
+def check_batch_of_one(subject: Subject) -> None:
     """A norm with batch statistics rejects, in train mode, a batch of one value per channel.
 
     The error must be a ``ValueError`` (``normzoo.BatchSizeError`` is one) whose message says
     what is wrong, not a NaN output or a crash deep inside torch.
     """
-    if not norm.uses_batch_stats:
+    if not subject.norm.uses_batch_stats:
         return
-    for layout in norm.layouts:
-        module = _build(norm, registry, layout).train()
-        x = torch.randn((1, NUM_FEATURES) + ((1, 1) if layout == "conv" else ()))
+    for layout in subject.layouts:
+        module = subject.build(layout).train()
+        x = torch.randn(layout.single_value_shape(subject.channels))
         try:
             module(x)
         except ValueError as error:
-            assert str(error), f"{_where(norm, layout)}: ValueError without a message"
+            assert str(error), f"{subject.where(layout)}: ValueError without a message"
         else:
-            raise AssertionError(
-                f"{_where(norm, layout)}: a batch of one was accepted in train mode"
-            )
+            raise AssertionError(f"{subject.where(layout)}: a batch of one was accepted in train")
 
 
 CHECKS: dict[str, Check] = {
     "shape_and_dtype": check_shape_and_dtype,
     "train_eval": check_train_eval,
     "state_dict_round_trip": check_state_dict_round_trip,
+    "deepcopy": check_deepcopy,
+    "instances_are_independent": check_instances_are_independent,
+    "eval_uses_parameters": check_eval_uses_parameters,
+    "rejects_wrong_shapes": check_rejects_wrong_shapes,
+    "memory_format": check_memory_format,
     "to_moves_state": check_to_moves_state,
     "gradcheck": check_gradcheck,
     "deterministic": check_deterministic,
@@ -298,13 +517,40 @@ CHECKS: dict[str, Check] = {
 CONFORMANCE_CHECKS: list[str] = list(CHECKS)
 
 
-def run_check(check: str, norm_name: str, registry: Registry | None = None) -> None:
-    """Run conformance check ``check`` on norm ``norm_name`` (default registry if none given)."""
+def run_check(
+    check: str,
+    norm_name: str,
+    registry: Registry | None = None,
+    *,
+    options: Mapping[str, Any] | None = None,
+    num_features: int | None = None,
+) -> None:
+    """Run conformance check ``check`` on norm ``norm_name`` over every layout it declares.
+
+    Parameters
+    ----------
+    check:
+        A name from :data:`CONFORMANCE_CHECKS`.
+    norm_name:
+        The norm, looked up in ``registry`` (the default registry when ``None``).
+    options:
+        Options for every build, e.g. ``{"groups": 4}``; the norm's defaults otherwise.
+    num_features:
+        Channel count of the test inputs, for options that constrain it; ``None`` for the
+        suite's own (4, and 2 in gradcheck).
+    """
     registry = registry or _default_registry()
-    CHECKS[check](registry.info(norm_name), registry)
+    subject = Subject(registry.info(norm_name), registry, dict(options or {}), num_features)
+    CHECKS[check](subject)
 
 
-def check_norm(norm_name: str, registry: Registry | None = None) -> None:
+def check_norm(
+    norm_name: str,
+    registry: Registry | None = None,
+    *,
+    options: Mapping[str, Any] | None = None,
+    num_features: int | None = None,
+) -> None:
     """Run every conformance check on ``norm_name``; the first failure raises."""
     for check in CONFORMANCE_CHECKS:
-        run_check(check, norm_name, registry)
+        run_check(check, norm_name, registry, options=options, num_features=num_features)

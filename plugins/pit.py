@@ -55,24 +55,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
-from torch import nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from normzoo.base import NormBase
 from normzoo.hookspecs import hookimpl
-from normzoo.interface import NormInfo, Option, check_batch_size, check_input
-from normzoo.stats import (
-    batch_moments,
-    channel_affine,
-    channel_shape,
-    from_channel_matrix,
-    to_channel_matrix,
-    unbiased,
-    update_running,
-    values_per_channel,
+from normzoo.interface import (
+    AFFINE,
+    EPS,
+    MOMENTUM,
+    NormInfo,
+    Option,
+    check_batch_size,
+    check_input,
 )
+from normzoo.layouts import LAYOUT_NAMES
+from normzoo.stats import batch_moments, unbiased, upcast
 
 NAME = "pit"
 SMOOTHINGS = ("adaptive", "fixed", "hard")
@@ -272,15 +273,19 @@ def knot_pit(z: torch.Tensor, knots: torch.Tensor, delta: float) -> torch.Tensor
     return y.clamp(-limit, limit)
 
 
-class PIT(nn.Module):
+def _initial_knots(num_features: int, num_knots: int) -> torch.Tensor:
+    """``Phi^-1(p_k)`` for every channel: an untrained module standardizes."""
+    knots = torch.special.ndtri(knot_probabilities(num_knots)).to(torch.float32)
+    return knots.expand(num_features, -1).clone()
+
+
+class PIT(NormBase):
     """Probability integral transform normalization; the statistics live in registered buffers.
 
     Parameters
     ----------
-    num_features:
-        Number of channels ``C``.
-    layout:
-        ``"fc"`` for ``(N, C)`` input, ``"conv"`` for ``(N, C, H, W)``.
+    num_features, layout, eps, momentum, affine:
+        As for :class:`~normzoo.NormBase`.
     num_knots:
         ``K``: quantile anchors of the train-mode kernel CDF and running knots of eval mode.
     smoothing:
@@ -289,10 +294,8 @@ class PIT(nn.Module):
         Multiplies the kernel widths: the local quantile gap, or Silverman's ``1.06 K**(-1/5)``.
     delta:
         Probabilities are clipped to ``[delta, 1 - delta]`` (train: ``max(delta, 1/(2n))``).
-    momentum:
-        Weight of the new batch in the running averages.
-    eps:
-        Added to the variance before the square root.
+
+    float16 and bfloat16 inputs are transformed in float32 (``ndtri`` has no half kernels).
     """
 
     def __init__(
@@ -303,69 +306,62 @@ class PIT(nn.Module):
         smoothing: str = "adaptive",
         bandwidth: float = 1.0,
         delta: float = 1e-6,
-        momentum: float = 0.1,
+        momentum: float | None = 0.1,
         eps: float = 1e-5,
+        affine: bool = True,
     ) -> None:
-        super().__init__()
         if smoothing not in SMOOTHINGS:
             raise ValueError(f"{NAME}: smoothing must be one of {SMOOTHINGS}, got {smoothing!r}")
-        self.num_features = num_features
-        self.layout = layout
+        super().__init__(num_features, layout, eps, momentum, affine)
         self.num_knots = num_knots
         self.smoothing = smoothing
         self.bandwidth = bandwidth
         self.delta = delta
-        self.momentum = momentum
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-        knots = torch.special.ndtri(knot_probabilities(num_knots)).to(torch.float32)
-        self.register_buffer("running_knots", knots.expand(num_features, -1).clone())
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self.register_running_stat("running_mean", partial(torch.zeros, num_features))
+        self.register_running_stat("running_var", partial(torch.ones, num_features))
+        knots = partial(_initial_knots, num_features, num_knots)
+        self.register_running_stat("running_knots", knots)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.num_features, self.layout, NAME)
-        shape = channel_shape(self.num_features, self.layout)
+        layout = self.layout_spec
+        xc = upcast(x)
         if self.training:
-            check_batch_size(x, NAME)
-            n = values_per_channel(x)
+            check_batch_size(x, NAME, self.layout)
+            n = layout.values_per_channel(x)
             delta = max(self.delta, 0.5 / n)
-            mean, var = batch_moments(x, self.layout)
-            z = to_channel_matrix((x - mean) / torch.sqrt(var + self.eps))
+            mean, var = batch_moments(xc, layout)
+            z = layout.to_channel_matrix((xc - mean) / torch.sqrt(var + self.eps))
             sorted_z = z.sort(dim=1).values
             quantiles = row_quantiles(sorted_z.detach(), knot_probabilities(self.num_knots))
             self._update_running_stats(mean.reshape(-1), var.reshape(-1), quantiles, n)
             if self.smoothing == "hard":
-                y = hard_pit(to_channel_matrix(x.detach()), delta)
+                y = hard_pit(layout.to_channel_matrix(xc.detach()), delta)
             else:
                 anchors = slice_means(sorted_z, self.num_knots)
                 y = kernel_pit(z, anchors, self.smoothing, self.bandwidth, delta)
         else:
-            z = (x - self.running_mean.reshape(shape)) / torch.sqrt(
-                self.running_var.reshape(shape) + self.eps
-            )
-            z = to_channel_matrix(z)
+            shape = layout.channel_shape(self.num_features)
+            mean = self.running_mean.to(xc.dtype).reshape(shape)
+            var = self.running_var.to(xc.dtype).reshape(shape)
+            z = layout.to_channel_matrix((xc - mean) / torch.sqrt(var + self.eps))
             y = knot_pit(z, self.running_knots.to(z.dtype), self.delta)
-        y = from_channel_matrix(y, x)
-        return channel_affine(y, self.weight, self.bias, self.layout)
+        y = layout.from_channel_matrix(y, x)
+        return self.affine_transform(y).to(x.dtype)
 
     @torch.no_grad()
     def _update_running_stats(
         self, mean: torch.Tensor, var: torch.Tensor, quantiles: torch.Tensor, count: int
     ) -> None:
-        update_running(self.running_mean, mean, self.momentum)
-        update_running(self.running_var, unbiased(var, count), self.momentum)
-        update_running(self.running_knots, quantiles, self.momentum)
+        self.update_running_stats(
+            running_mean=mean, running_var=unbiased(var, count), running_knots=quantiles
+        )
         self.running_knots.copy_(self.running_knots.cummax(dim=1).values)
-        self.num_batches_tracked += 1
 
     def extra_repr(self) -> str:
         return (
-            f"{self.num_features}, layout={self.layout!r}, num_knots={self.num_knots}, "
-            f"smoothing={self.smoothing!r}, bandwidth={self.bandwidth}, delta={self.delta}, "
-            f"momentum={self.momentum}, eps={self.eps}"
+            f"{super().extra_repr()}, num_knots={self.num_knots}, smoothing={self.smoothing!r}, "
+            f"bandwidth={self.bandwidth}, delta={self.delta}"
         )
 
 
@@ -374,8 +370,9 @@ OPTIONS = (
     Option("smoothing", str, "adaptive", "kernel widths, or hard ranks", choices=SMOOTHINGS),
     Option("bandwidth", float, 1.0, "scales the widths: local gap or 1.06 K^-1/5", 0.05, 20.0),
     Option("delta", float, 1e-6, "clip F to [delta, 1-delta]; train: >= 1/(2n)", 1e-6, 0.25),
-    Option("momentum", float, 0.1, "weight of the new batch in the running statistics", 0.0, 1.0),
-    Option("eps", float, 1e-5, "added to the variance before the square root", minimum=0.0),
+    MOMENTUM,
+    EPS,
+    AFFINE,
 )
 
 
@@ -385,7 +382,7 @@ def normzoo_register_norms(register: Callable[[NormInfo], None]) -> None:
         NormInfo(
             name=NAME,
             summary="probability integral transform: Phi^-1 of a smoothed empirical CDF",
-            layouts=("fc", "conv"),
+            layouts=LAYOUT_NAMES,
             uses_batch_stats=True,
             factory=PIT,
             options=OPTIONS,

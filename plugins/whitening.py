@@ -37,22 +37,26 @@ has ``r < g`` channels, its block is padded with the identity beyond ``r``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
+from normzoo.base import NormBase
 from normzoo.hookspecs import hookimpl
-from normzoo.interface import NormInfo, Option, check_batch_size, check_input
-from normzoo.stats import (
-    channel_affine,
-    from_channel_matrix,
-    to_channel_matrix,
-    unbiased,
-    update_running,
+from normzoo.interface import (
+    AFFINE,
+    EPS,
+    MOMENTUM,
+    NormInfo,
+    Option,
+    check_batch_size,
+    check_input,
 )
-from normzoo_plugins.batchnorm import MOMENTUM
+from normzoo.layouts import LAYOUT_NAMES
+from normzoo.stats import unbiased, upcast
 
 
 def _eye_like(sigma: torch.Tensor) -> torch.Tensor:
@@ -136,7 +140,11 @@ def newton_schulz_inv_sqrt(sigma: torch.Tensor, iterations: int) -> torch.Tensor
     return z / trace.sqrt()
 
 
-class GroupWhitening(nn.Module):
+def _identity_blocks(num_groups: int, size: int) -> torch.Tensor:
+    return torch.eye(size).expand(num_groups, size, size).clone()
+
+
+class GroupWhitening(NormBase):
     """Base of the whitening norms: grouping, running statistics, the eval cache and the affine.
 
     Subclasses set ``NAME`` and implement :meth:`matrix_function`, ``W = f(Sigma)`` for a batch
@@ -144,16 +152,10 @@ class GroupWhitening(nn.Module):
 
     Parameters
     ----------
-    num_features:
-        Number of channels ``C``.
-    layout:
-        ``"fc"`` for ``(N, C)`` input, ``"conv"`` for ``(N, C, H, W)``.
+    num_features, layout, eps, momentum, affine:
+        As for :class:`~normzoo.NormBase`; ``eps`` is added to the diagonal of each covariance.
     group_size:
         Channels whitened together; ``min(group_size, C)``, the last group may be smaller.
-    eps:
-        Added to the diagonal of each covariance before ``f``.
-    momentum:
-        Weight of the new batch in the running averages.
     """
 
     NAME = ""
@@ -164,24 +166,18 @@ class GroupWhitening(nn.Module):
         layout: str,
         group_size: int = 16,
         eps: float = 1e-5,
-        momentum: float = 0.1,
+        momentum: float | None = 0.1,
+        affine: bool = True,
     ) -> None:
-        super().__init__()
-        self.num_features = num_features
-        self.layout = layout
+        self._cache_valid = False
+        super().__init__(num_features, layout, eps, momentum, affine)
         self.group_size = min(group_size, num_features)
         self.num_groups = -(-num_features // self.group_size)
         self.last_group_size = num_features - (self.num_groups - 1) * self.group_size
-        self.eps = eps
-        self.momentum = momentum
-        g = self.group_size
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
-        eye = torch.eye(g).expand(self.num_groups, g, g).clone()
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_cov", eye.clone())
-        self.register_buffer("eval_whitening", eye, persistent=False)
-        self._cache_valid = False
+        eye = partial(_identity_blocks, self.num_groups, self.group_size)
+        self.register_running_stat("running_mean", partial(torch.zeros, num_features))
+        self.register_running_stat("running_cov", eye)
+        self.register_buffer("eval_whitening", eye(), persistent=False)
 
     def matrix_function(self, sigma: torch.Tensor) -> torch.Tensor:
         """``W = f(Sigma)`` for ``(..., k, k)`` float64 ``Sigma`` (eps included)."""
@@ -189,9 +185,10 @@ class GroupWhitening(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.num_features, self.layout, self.NAME)
-        matrix = to_channel_matrix(x)
+        layout = self.layout_spec
+        matrix = layout.to_channel_matrix(upcast(x))
         if self.training:
-            check_batch_size(x, self.NAME)
+            check_batch_size(x, self.NAME, self.layout)
             mean = matrix.mean(dim=1, keepdim=True)
             blocks = self._to_blocks(matrix - mean)
             blocks64 = blocks.double()
@@ -200,11 +197,11 @@ class GroupWhitening(nn.Module):
             whitening = self.whitening_matrices(cov)
             self._update_running_stats(mean.reshape(-1), cov, count)
         else:
-            mean = self.running_mean.to(x.dtype).unsqueeze(1)
+            mean = self.running_mean.to(matrix.dtype).unsqueeze(1)
             blocks = self._to_blocks(matrix - mean)
             whitening = self._eval_whitening()
-        y = from_channel_matrix(self._from_blocks(whitening.to(x.dtype) @ blocks), x)
-        return channel_affine(y, self.weight, self.bias, self.layout)
+        whitened = self._from_blocks(whitening.to(blocks.dtype) @ blocks)
+        return self.affine_transform(layout.from_channel_matrix(whitened, x)).to(x.dtype)
 
     def whitening_matrices(self, cov: torch.Tensor) -> torch.Tensor:
         """``W = f(cov + eps I)`` per group, ``(groups, g, g)``, identity-padded last block.
@@ -236,9 +233,7 @@ class GroupWhitening(nn.Module):
         g, r = self.group_size, self.last_group_size
         batch_cov = unbiased(cov, count)
         batch_cov[-1] += _padding_eye(g, r, cov)
-        update_running(self.running_mean, mean, self.momentum)
-        update_running(self.running_cov, batch_cov, self.momentum)
-        self._cache_valid = False
+        self.update_running_stats(running_mean=mean, running_cov=batch_cov)
 
     @torch.no_grad()
     def _eval_whitening(self) -> torch.Tensor:
@@ -247,22 +242,12 @@ class GroupWhitening(nn.Module):
             self._cache_valid = True
         return self.eval_whitening
 
-    def reset_running_stats(self) -> None:
-        """Running mean back to zeros, running covariance back to the identity."""
-        with torch.no_grad():
-            self.running_mean.zero_()
-            self.running_cov.copy_(torch.eye(self.group_size).expand_as(self.running_cov))
+    def running_stats_changed(self) -> None:
+        """New running covariance: recompute the eval ``W`` on the next eval forward."""
         self._cache_valid = False
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._cache_valid = False  # new running_cov: recompute the eval W
-        super()._load_from_state_dict(*args, **kwargs)
-
     def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, layout={self.layout!r}, group_size={self.group_size}, "
-            f"eps={self.eps}, momentum={self.momentum}"
-        )
+        return f"{super().extra_repr()}, group_size={self.group_size}"
 
 
 class ZCAWhitening(GroupWhitening):
@@ -296,9 +281,10 @@ class IterNorm(GroupWhitening):
         iterations: int = 5,
         group_size: int = 16,
         eps: float = 1e-5,
-        momentum: float = 0.1,
+        momentum: float | None = 0.1,
+        affine: bool = True,
     ) -> None:
-        super().__init__(num_features, layout, group_size, eps, momentum)
+        super().__init__(num_features, layout, group_size, eps, momentum, affine)
         self.iterations = iterations
 
     def matrix_function(self, sigma: torch.Tensor) -> torch.Tensor:
@@ -311,7 +297,7 @@ class IterNorm(GroupWhitening):
 GROUP_SIZE = Option(
     "group_size", int, 16, "channels whitened together (the last group may be smaller)", 1
 )
-EPS = Option("eps", float, 1e-5, "added to the diagonal of each covariance", minimum=0.0)
+COVARIANCE_EPS = replace(EPS, help="added to the diagonal of each covariance")
 ITERATIONS = Option("iterations", int, 5, "Newton-Schulz steps T (5 whitens partially)", 1)
 
 
@@ -321,10 +307,10 @@ def normzoo_register_norms(register: Callable[[NormInfo], None]) -> None:
         NormInfo(
             name=ZCAWhitening.NAME,
             summary="decorrelated batch norm: ZCA whitening of channel groups (eigh)",
-            layouts=("fc", "conv"),
+            layouts=LAYOUT_NAMES,
             uses_batch_stats=True,
             factory=ZCAWhitening,
-            options=(GROUP_SIZE, EPS, MOMENTUM),
+            options=(GROUP_SIZE, COVARIANCE_EPS, MOMENTUM, AFFINE),
             reference="Huang, Yang, Lang & Deng, Decorrelated Batch Normalization, CVPR 2018",
         )
     )
@@ -332,10 +318,10 @@ def normzoo_register_norms(register: Callable[[NormInfo], None]) -> None:
         NormInfo(
             name=IterNorm.NAME,
             summary="iterative normalization: Newton-Schulz whitening of channel groups",
-            layouts=("fc", "conv"),
+            layouts=LAYOUT_NAMES,
             uses_batch_stats=True,
             factory=IterNorm,
-            options=(ITERATIONS, GROUP_SIZE, EPS, MOMENTUM),
+            options=(ITERATIONS, GROUP_SIZE, COVARIANCE_EPS, MOMENTUM, AFFINE),
             reference="Huang, Zhou, Zhu, Liu & Shao, Iterative Normalization: Beyond "
             "Standardization towards Efficient Whitening, CVPR 2019",
         )

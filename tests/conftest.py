@@ -27,16 +27,19 @@ GOOD_PLUGIN = '''
     import torch
     from torch import nn
     import normzoo
+    from normzoo.interface import check_input
 
     class Scale(nn.Module):
         """Multiplies by a learnable per-channel factor; no statistics."""
 
         def __init__(self, num_features, layout, factor):
             super().__init__()
-            shape = (num_features,) + (1, 1) * (layout == "conv")
+            self.num_features, self.layout = num_features, layout
+            shape = normzoo.get_layout(layout).channel_shape(num_features)
             self.scale = nn.Parameter(torch.full(shape, factor))
 
         def forward(self, x):
+            check_input(x, self.num_features, self.layout, "third-party-scale")
             return x * self.scale
 
     @normzoo.hookimpl

@@ -100,7 +100,7 @@ def test_running_statistics_follow_torch_momentum_convention():
 @pytest.mark.parametrize("smoothing", [*SMOOTH, "hard"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_train_output_is_invariant_to_positive_affine_input_change(layout, smoothing):
-    module = build(layout, smoothing=smoothing, eps=0.0)
+    module = build(layout, smoothing=smoothing, eps=1e-300)  # eps > 0, negligible
     x = sample(SHAPES[layout], 2)
     scale = torch.tensor([250.0, 0.01, 3.0], dtype=torch.float64)
     shift = torch.tensor([-7.0, 1e3, 0.5], dtype=torch.float64)
@@ -231,7 +231,7 @@ def test_batch_of_one_is_rejected_in_train_and_accepted_in_eval():
 
 def test_options_are_declared_and_checked():
     names = [option.name for option in normzoo.info("pit").options]
-    assert names == ["num_knots", "smoothing", "bandwidth", "delta", "momentum", "eps"]
+    assert names == ["num_knots", "smoothing", "bandwidth", "delta", "momentum", "eps", "affine"]
     with pytest.raises(normzoo.OptionError):
         normzoo.build("pit", 3, layout="fc", smoothing="soft")
     with pytest.raises(normzoo.OptionError):

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from normzoo import NormInfo, Registry
-from normzoo.testing import run_check
+from normzoo import NormInfo, Option, Registry
+from normzoo.interface import check_input
+from normzoo.testing import check_norm, run_check
 
 
 class TextbookBatchNorm(nn.Module):
@@ -73,6 +74,67 @@ class RandomScale(nn.Module):
         return x * torch.rand(())
 
 
+_SHARED_MEAN = torch.zeros(4)
+
+
+class SharedRunningMean(nn.Module):
+    """Keeps its running mean in a module-level tensor, so every instance shares it."""
+
+    def __init__(self, num_features: int, layout: str):
+        super().__init__()
+        self.register_buffer("running_mean", _SHARED_MEAN)
+
+    def forward(self, x):
+        check_input(x, 4, "fc" if x.dim() == 2 else "conv", "candidate")
+        if self.training:
+            self.running_mean.mul_(0.9).add_(0.1 * x.detach().mean(dim=0).reshape(4, -1)[:, 0])
+        return x - self.running_mean.reshape((1, 4) + (1,) * (x.dim() - 2))
+
+
+class EvalForgetsAffine(nn.Module):
+    """Applies its weight and bias in train mode only."""
+
+    def __init__(self, num_features: int, layout: str):
+        super().__init__()
+        self.shape = (1, num_features) + (1, 1) * (layout == "conv")
+        self.layout = layout
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x):
+        check_input(x, self.shape[1], self.layout, "candidate")
+        y = torch.tanh(x)
+        if self.training:
+            y = y * self.weight.reshape(self.shape) + self.bias.reshape(self.shape)
+        return y
+
+
+class AssumesContiguous(nn.Module):
+    """Reads the raw storage as if the input were contiguous NCHW (wrong for channels_last)."""
+
+    def __init__(self, num_features: int, layout: str):
+        super().__init__()
+        self.layout, self.num_features = layout, num_features
+        self.weight = nn.Parameter(torch.ones(num_features))
+
+    def forward(self, x):
+        check_input(x, self.num_features, self.layout, "candidate")
+        flat = torch.as_strided(x, (x.numel(),), (1,))
+        shape = (1, self.num_features) + (1,) * (x.dim() - 2)
+        return flat.reshape(x.shape) * self.weight.reshape(shape)
+
+
+class UncheckedShape(nn.Module):
+    """Broadcasts whatever it is given: a wrong input shape passes silently."""
+
+    def __init__(self, num_features: int, layout: str):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return x * self.scale
+
+
 def registry_with(factory, uses_batch_stats: bool) -> Registry:
     registry = Registry(entry_points=False)
     registry.register(
@@ -103,6 +165,11 @@ def registry_with(factory, uses_batch_stats: bool) -> Registry:
         (HalfPrecisionOutput, False, "shape_and_dtype", "output dtype torch.float16"),
         (WrongGradient, False, "gradcheck", "gradcheck failed"),
         (RandomScale, False, "deterministic", "eval is not repeatable"),
+        (SharedRunningMean, True, "instances_are_independent", "module-level tensor"),
+        (EvalForgetsAffine, False, "eval_uses_parameters", "does not change the eval-mode"),
+        (AssumesContiguous, False, "memory_format", "non-contiguous input"),
+        (UncheckedShape, False, "rejects_wrong_shapes", "wrong shape was accepted"),
+        (nn.BatchNorm2d, True, "rejects_wrong_shapes", "instead of a ValueError"),
     ],
 )
 def test_check_fails_on_a_norm_that_breaks_its_rule(factory, uses_batch_stats, check, message):
@@ -111,13 +178,38 @@ def test_check_fails_on_a_norm_that_breaks_its_rule(factory, uses_batch_stats, c
         run_check(check, "candidate", registry)
 
 
-def test_every_check_passes_on_torch_batch_norm_wrapped_as_a_third_party_would():
-    registry = registry_with(
-        lambda num_features, layout: (nn.BatchNorm1d if layout == "fc" else nn.BatchNorm2d)(
-            num_features
-        ),
-        True,
-    )
-    from normzoo.testing import check_norm
+class CheckedTorchBatchNorm(nn.Module):
+    """torch's batch norm as a third party would wrap it: with normzoo's input check."""
 
-    check_norm("candidate", registry)
+    def __init__(self, num_features: int, layout: str):
+        super().__init__()
+        self.num_features, self.layout = num_features, layout
+        self.norm = (nn.BatchNorm1d if layout == "fc" else nn.BatchNorm2d)(num_features)
+
+    def forward(self, x):
+        check_input(x, self.num_features, self.layout, "candidate")
+        return self.norm(x)
+
+
+def test_every_check_passes_on_torch_batch_norm_wrapped_as_a_third_party_would():
+    check_norm("candidate", registry_with(CheckedTorchBatchNorm, True))
+
+
+def test_options_and_channel_counts_reach_every_build():
+    seen = []
+
+    def factory(num_features, layout, groups):
+        seen.append((num_features, layout, groups))
+        return CheckedTorchBatchNorm(num_features, layout)
+
+    registry = Registry(entry_points=False)
+    registry.register(
+        NormInfo(
+            name="candidate", summary="a norm under test", layouts=("fc", "conv"),
+            uses_batch_stats=True, factory=factory,
+            options=(Option("groups", int, 1, "groups"),),
+        )
+    )  # fmt: skip
+    run_check("shape_and_dtype", "candidate", registry, options={"groups": 3}, num_features=6)
+    assert seen and all(entry == (6, entry[1], 3) for entry in seen)
+    assert {layout for _, layout, _ in seen} == {"fc", "conv"}

@@ -1,0 +1,65 @@
+"""The errors normzoo raises on bad input, and the "did you mean" listing their messages use.
+
+Every error derives from :class:`NormzooError`, itself a ``ValueError``, and its message is one
+line that names the bad value and the way out; the command line prints it as it is.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class NormzooError(ValueError):
+    """Base class of every error normzoo raises on bad input; its message is one line."""
+
+
+class UnknownNormError(NormzooError, KeyError):
+    """A norm name that no loaded plugin registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class OptionError(NormzooError):
+    """An unknown option, a value of the wrong type, out of range, or rejected by the norm's
+    check against the channel count."""
+
+
+class LayoutError(NormzooError):
+    """A layout the norm does not support, or an input whose shape does not fit the layout."""
+
+
+class DeclarationError(NormzooError):
+    """A plugin declared an invalid norm: bad name, layouts, options or factory."""
+
+
+class DuplicateNormError(NormzooError):
+    """Two plugins registered the same norm name."""
+
+
+class BatchSizeError(NormzooError):
+    """A training batch too small for a norm that uses batch statistics."""
+
+
+class NormBuildError(NormzooError):
+    """A norm's factory raised, or returned something that is not an ``nn.Module``.
+
+    The factory's own exception is kept as ``__cause__``.
+    """
+
+
+def closest_first(bad: str, valid: Iterable[str]) -> list[str]:
+    """Return ``valid`` sorted with the names closest to ``bad`` first, the rest alphabetical."""
+    pool = sorted(valid)
+    if not pool:
+        return []
+    close = difflib.get_close_matches(bad, pool, n=len(pool), cutoff=0.5)
+    return close + [name for name in pool if name not in close]
+
+
+def suggest(kind: str, bad: str, valid: Iterable[str]) -> str:
+    """One-line message: ``unknown <kind> 'bad'; valid: a, b, c`` (closest match first)."""
+    choices = closest_first(bad, valid)
+    listing = ", ".join(choices) if choices else "(none)"
+    return f"unknown {kind} {bad!r}; valid {kind}s: {listing}"
