@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from normzoo.errors import (
@@ -150,9 +151,9 @@ class Option:
 
     def _from_number(self, value: Any) -> Any:
         """Plain Python numbers from numpy (or other ``numbers``) scalars of the right kind."""
-        if self.type is bool:
-            return bool(value) if type(value).__name__ == "bool_" else value
-        if isinstance(value, bool) or type(value).__name__ == "bool_":
+        if isinstance(value, np.bool_):
+            return bool(value) if self.type is bool else value
+        if self.type is bool or isinstance(value, bool):
             return value
         if self.type is int and isinstance(value, numbers.Integral):
             return int(value)

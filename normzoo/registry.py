@@ -28,6 +28,7 @@ error naming the variable.
 from __future__ import annotations
 
 import importlib.util
+import numbers
 import os
 import traceback as traceback_module
 import warnings
@@ -409,7 +410,9 @@ class Registry:
         """
         norm = self.info(name)
         layout_name = norm.check_layout(layout)
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+        if isinstance(num_features, numbers.Integral) and not isinstance(num_features, bool):
+            num_features = int(num_features)  # numpy integers too
+        if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
             raise NormzooError(f"num_features must be a positive int, got {num_features!r}")
         resolved = norm.resolve_options(options)
         norm.check_options(resolved, num_features)

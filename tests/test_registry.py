@@ -263,3 +263,252 @@ def test_isolated_registry_starts_empty():
     with registry.register(make_info("only-one")):
         assert [n.name for n in registry.available()] == ["only-one"]
     assert not Path("nonexistent").exists()
+
+
+# -- plugin diagnostics --------------------------------------------------------------------------
+
+MISSPELLED_HOOK = GOOD_PLUGIN.replace(
+    "def normzoo_register_norms(register):", "def normzoo_register_norm(register):"
+)
+UNDECORATED_HOOK = GOOD_PLUGIN.replace("    @normzoo.hookimpl\n", "")
+EXITS_AT_IMPORT = """
+    raise SystemExit("this plugin exits on import")
+"""
+
+
+@pytest.fixture
+def third_party(tmp_path, monkeypatch):
+    """Install fake third-party distributions on sys.path: ``third_party(dist, source, entry)``."""
+    installed: list[str] = []
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def install(dist: str, source: str, entry: str, module: str | None = None) -> None:
+        module = module or dist
+        install_fake_distribution(tmp_path / dist, dist, module, source, entry)
+        monkeypatch.syspath_prepend(str(tmp_path / dist))
+        installed.append(module)
+
+    yield install
+    for module in installed:
+        sys.modules.pop(module, None)
+
+
+def record_of(registry: Registry, name: str):
+    return {record.name: record for record in registry.plugins()}[name]
+
+
+def test_a_misspelled_hook_is_reported_as_a_failure_with_the_reason(third_party):
+    third_party("normzoo_typo", MISSPELLED_HOOK, "typo")
+    registry, caught = loaded_registry()
+    record = record_of(registry, "typo")
+    assert record.failed and record.norms == []
+    assert "unknown hook 'normzoo_register_norm'" in record.error
+    assert "normzoo_register_norms" in record.error
+    assert "third-party-scale" not in {norm.name for norm in registry.available()}
+    assert any("'typo' skipped" in str(w.message) for w in caught)
+
+
+def test_a_plugin_that_registers_no_norm_is_a_failure(third_party):
+    third_party("normzoo_plain", UNDECORATED_HOOK, "plain")
+    registry, _ = loaded_registry()
+    assert "registers no norm" in record_of(registry, "plain").error
+    assert "@normzoo.hookimpl" in record_of(registry, "plain").error
+
+
+def test_a_plugin_calling_systemexit_at_import_takes_nothing_down(third_party):
+    third_party("normzoo_exits", EXITS_AT_IMPORT, "exits")
+    registry, _ = loaded_registry()
+    assert "SystemExit: this plugin exits on import" in record_of(registry, "exits").error
+    assert "batchnorm" in {norm.name for norm in registry.available()}
+
+
+def test_a_failed_plugin_keeps_its_exception_and_traceback_and_the_warning_points_at_it(
+    fake_site,
+):
+    registry, caught = loaded_registry()
+    record = record_of(registry, "broken")
+    assert isinstance(record.exception, RuntimeError)
+    plugin_file = str(fake_site / "normzoo_broken.py")
+    assert "Traceback (most recent call last)" in record.traceback
+    assert plugin_file in record.traceback and "broken on purpose" in record.traceback
+    (warning,) = [w for w in caught if "'broken'" in str(w.message)]
+    assert warning.filename == plugin_file and warning.lineno == 2
+
+
+def test_two_distributions_with_one_entry_point_name_are_both_named(third_party):
+    third_party("normzoo_first", GOOD_PLUGIN, "same-name")
+    other = GOOD_PLUGIN.replace('name="third-party-scale"', 'name="other-scale"')
+    third_party("normzoo_second", other, "same-name")
+    registry, _ = loaded_registry()
+    failed = [record for record in registry.plugins() if record.failed]
+    assert len(failed) == 1
+    assert "'same-name'" in failed[0].error
+    assert "normzoo_first" in failed[0].error and "normzoo_second" in failed[0].error
+    assert "third-party-scale" in {norm.name for norm in registry.available()}
+
+
+def test_a_third_party_entry_point_named_like_a_bundled_one_is_rejected(third_party):
+    third_party("normzoo_imposter", GOOD_PLUGIN, "batchnorm")
+    registry, _ = loaded_registry()
+    record = record_of(registry, "batchnorm (normzoo_imposter)")
+    assert "already taken by distribution 'normzoo'" in record.error
+    assert record_of(registry, "batchnorm").builtin and record_of(registry, "batchnorm").norms
+
+
+def test_a_strict_mode_failure_stays_a_failure_on_every_later_call(fake_site, monkeypatch):
+    monkeypatch.setenv("NORMZOO_STRICT_PLUGINS", "1")
+    registry = Registry()
+    for call in (registry.available, registry.plugins, lambda: registry.info("batchnorm")):
+        with pytest.raises(normzoo.PluginLoadError, match="broken on purpose"):
+            call()
+
+
+@pytest.mark.parametrize(
+    "word, strict", [("false", False), ("0", False), ("", False), ("on", True)]
+)
+def test_strict_switch_reads_words(fake_site, monkeypatch, word, strict):
+    monkeypatch.setenv("NORMZOO_STRICT_PLUGINS", word)
+    if strict:
+        with pytest.raises(normzoo.PluginLoadError):
+            Registry().available()
+    else:
+        loaded_registry()
+
+
+def test_a_switch_that_is_not_a_word_for_on_or_off_is_an_error(monkeypatch):
+    monkeypatch.setenv("NORMZOO_BUILTIN_ONLY", "maybe")
+    with pytest.raises(normzoo.NormzooError, match="NORMZOO_BUILTIN_ONLY='maybe'.*1/true"):
+        Registry().available()
+
+
+def test_normzoo_disable_skips_the_named_plugins(fake_site, monkeypatch):
+    monkeypatch.setenv("NORMZOO_DISABLE", "broken, scale")
+    registry, caught = loaded_registry()
+    assert not [w for w in caught if issubclass(w.category, normzoo.PluginWarning)]
+    assert record_of(registry, "broken").disabled and record_of(registry, "scale").disabled
+    with pytest.raises(normzoo.UnknownNormError, match="NORMZOO_DISABLE skips 'broken', 'scale'"):
+        registry.info("third-party-scale")
+
+
+def test_an_unknown_norm_mentions_failed_plugins_and_builtin_only(fake_site, monkeypatch):
+    registry, _ = loaded_registry()
+    with pytest.raises(normzoo.UnknownNormError, match="plugin.*'broken' failed to load"):
+        registry.info("broken-norm")
+    monkeypatch.setenv("NORMZOO_BUILTIN_ONLY", "1")
+    registry, _ = loaded_registry()
+    with pytest.raises(normzoo.UnknownNormError, match="NORMZOO_BUILTIN_ONLY is set"):
+        registry.info("third-party-scale")
+
+
+# -- validated builds ----------------------------------------------------------------------------
+
+
+def test_a_factory_that_raises_is_wrapped_naming_the_norm_with_the_cause():
+    def factory(num_features, layout):
+        raise ZeroDivisionError("plugin bug")
+
+    with normzoo.register(make_info("raises", factory=factory), name="buggy"):
+        with pytest.raises(normzoo.NormBuildError) as raised:
+            normzoo.build("raises", 4, layout="fc")
+    message = str(raised.value)
+    assert "norm 'raises' (plugin 'buggy') failed to build" in message
+    assert "ZeroDivisionError: plugin bug" in message and "\n" not in message
+    assert isinstance(raised.value.__cause__, ZeroDivisionError)
+
+
+def test_a_factory_that_returns_no_module_is_rejected_at_build():
+    with normzoo.register(make_info("not-a-module", factory=lambda n, layout: "a string")):
+        with pytest.raises(normzoo.NormBuildError, match="returned str, not a torch.nn.Module"):
+            normzoo.build("not-a-module", 4)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"options": (Option("layout", str, "fc", "clash"),)}, "option 'layout'.*rename"),
+        ({"options": (Option("num_features", int, 1, "clash"),)}, "option 'num_features'"),
+        (
+            {"factory": lambda num_features, layout: None,
+             "options": (Option("scale", float, 1.0, "scale"),)},
+            "cannot be called as factory\\(num_features, layout, scale",
+        ),
+        ({"layouts": ("conv", "2d")}, "layouts"),
+        ({"layouts": "conv"}, "layouts"),
+        ({"check": "not callable"}, "check that is not callable"),
+    ],
+)  # fmt: skip
+def test_declarations_that_cannot_build_are_rejected_at_registration(overrides, message):
+    with pytest.raises(normzoo.DeclarationError, match=message):
+        Registry(entry_points=False).register(make_info("some-norm", **overrides))
+
+
+def test_the_check_runs_before_the_factory_with_resolved_options():
+    calls = []
+
+    def check(options, num_features):
+        calls.append((dict(options), num_features))
+        if num_features % options["groups"]:
+            raise normzoo.OptionError(f"groups={options['groups']} does not divide {num_features}")
+
+    def factory(num_features, layout, groups):
+        calls.append("factory")
+        return nn.Identity()
+
+    info = make_info(
+        "checked", factory=factory, check=check, options=(Option("groups", int, 2, "groups"),)
+    )
+    with normzoo.register(info):
+        with pytest.raises(normzoo.OptionError, match="groups=4 does not divide 6"):
+            normzoo.build("checked", 6, groups="4")
+        assert calls == [({"groups": 4}, 6)]
+        normzoo.build("checked", 8, groups=4)
+        assert calls[-1] == "factory"
+
+
+def test_a_check_with_a_bug_is_a_build_error_not_a_traceback():
+    info = make_info("bad-check", check=lambda options, n: options["missing"])
+    with normzoo.register(info):
+        with pytest.raises(normzoo.NormBuildError, match="option check of norm 'bad-check' raised"):
+            normzoo.build("bad-check", 4)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"momentum": float("nan")}, "'momentum' of norm 'batchnorm' must be a finite number"),
+        ({"eps": float("inf")}, "'eps' of norm 'batchnorm' must be a finite number"),
+        ({"eps": "inf"}, "must be a finite number"),
+        ({"eps": 0.0}, "'eps' of norm 'batchnorm' must be > 0.0, got 0.0"),
+    ],
+)
+def test_non_finite_and_zero_eps_values_are_rejected(options, message):
+    with pytest.raises(normzoo.OptionError, match=message):
+        normzoo.build("batchnorm", 4, **options)
+
+
+def test_torch_batchnorm_rejects_eps_zero_before_torch_does():
+    with pytest.raises(normzoo.OptionError, match="'eps' of norm 'torch-batchnorm' must be > 0"):
+        normzoo.build("torch-batchnorm", 4, eps="0")
+
+
+def test_numpy_scalars_are_accepted_as_option_values():
+    np = pytest.importorskip("numpy")
+    layer = normzoo.build("zca", np.int64(6), group_size=np.int64(3), momentum=np.float32(0.25))
+    assert (layer.group_size, layer.momentum) == (3, 0.25)
+    assert type(layer.group_size) is int and type(layer.momentum) is float
+    assert normzoo.build("batchnorm", 4, affine=np.bool_(False)).affine is False
+    with pytest.raises(normzoo.OptionError, match="expects int"):
+        normzoo.build("zca", 6, group_size=np.float64(2.5))
+
+
+def test_groupnorm_with_groups_that_do_not_divide_is_one_cli_line(capsys, tmp_path):
+    from normzoo.cli import main
+
+    status = main(
+        ["run", "--norm", "groupnorm", "--norm-opt", "groups=4", "--epochs", "1",
+         "--train-subset", "512", "--test-subset", "256", "--runs-dir", str(tmp_path)]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert status != 0
+    assert err.count("\n") == 0 and "groups" in err and "must divide" in err
+    assert list(tmp_path.iterdir()) == []  # no run directory for a run that cannot start
