@@ -17,5 +17,21 @@ def test_readme_plugin_example_registers_and_conforms():
     exec(compile(source, "README.md", "exec"), plugin.__dict__)
     registry = Registry(entry_points=False)
     registry.register(plugin, name="my-norms")
-    assert [norm.name for norm in registry.available()] == ["rmsnorm"]
-    check_norm("rmsnorm", registry)
+    assert [norm.name for norm in registry.available()] == ["mean-only-bn"]
+    check_norm("mean-only-bn", registry)
+    check_norm("mean-only-bn", registry, options={"momentum": None}, num_features=8)
+
+
+def test_readme_error_examples_are_what_normzoo_prints():
+    import pytest
+    import torch
+
+    import normzoo
+
+    text = README.read_text()
+    with pytest.raises(normzoo.OptionError) as raised:
+        normzoo.build("groupnorm", 6, groups=4)
+    assert f"OptionError: {raised.value}" in text
+    with pytest.raises(normzoo.LayoutError) as raised:
+        normzoo.build("batchnorm", 6, layout="seq")(torch.randn(4, 6, 9))
+    assert f"LayoutError: {raised.value}" in text
