@@ -4,9 +4,12 @@ registry (:mod:`normzoo`) and the harness (:mod:`normzoo.harness`)."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import textwrap
 import warnings
 from collections.abc import Sequence
+from typing import NoReturn
 
 import normzoo
 from normzoo.interface import NormzooError
@@ -18,6 +21,17 @@ EPILOG = """examples:
   normzoo info batchnorm                        options, defaults and reference of a norm
   normzoo plugins                               loaded plugins and their load errors
 """
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, like every other normzoo error.
+
+    argparse prints the whole usage block before its message, which buries the one line that
+    matters; the usage is one ``--help`` away, and the message says so.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"normzoo: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -37,15 +51,32 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    """A seed torch's generators accept: 0 to 2**63 - 1 (larger ones overflow deep in torch)."""
+    from normzoo.harness.experiment import MAX_SEED
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer from 0 to 2**63 - 1 ({MAX_SEED}), got {text!r}"
+        )
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="normzoo",
         description="Normalization layers as plugins, compared in one LeNet/Fashion-MNIST harness.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"normzoo {normzoo.__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
 
     run = commands.add_parser(
         "run",
@@ -75,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--epochs", type=_positive_int, default=10)
     run.add_argument("--lr", type=float, default=1.0, help="SGD learning rate")
     run.add_argument("--batch-size", type=_positive_int, default=256)
-    run.add_argument("--seed", type=int, default=0, help="same seed, same numbers on a CPU")
+    run.add_argument(
+        "--seed", type=_seed, default=0, help="0 to 2**63 - 1; same seed, same numbers on a CPU"
+    )
     run.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     run.add_argument(
         "--data-dir", default=None,
@@ -110,7 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(handler=_info)
 
     plugins = commands.add_parser("plugins", help="show loaded plugins, versions and load errors")
+    plugins.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="also print the full traceback of each plugin that failed to load",
+    )  # fmt: skip
     plugins.set_defaults(handler=_plugins)
+    parser.set_defaults(command_parsers=commands.choices)
     return parser
 
 
@@ -140,11 +178,14 @@ def _run(args: argparse.Namespace) -> int:
     )
     try:
         result = run_experiment(
-            config, progress=args.progress, on_epoch=lambda m: print(m.summary())
+            config, progress=args.progress, on_epoch=lambda m: print(m.summary(), flush=True)
         )
-    except KeyboardInterrupt:
-        print("\ninterrupted; finished epochs are saved under", args.runs_dir, file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as error:
+        # only around the run: once it has returned, its files say finished
+        directory = getattr(error, "directory", None)
+        where = f"; finished epochs are saved in {directory}" if directory else ""
+        print(f"\nnormzoo: {error or 'interrupted'}{where}", file=sys.stderr)
+        return 128 + getattr(error, "signal_number", signal.SIGINT)
     if result.status == "diverged":
         print(f"normzoo: {result.message}", file=sys.stderr)
         print(f"finished epochs saved in {result.directory.path}", file=sys.stderr)
@@ -183,6 +224,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _plugins(args: argparse.Namespace) -> int:
+    hidden = False  # a traceback that --verbose would show
     for record in normzoo.plugins():
         origin = f"{record.distribution} {record.version}".strip() or "in-process"
         state = (
@@ -191,6 +233,13 @@ def _plugins(args: argparse.Namespace) -> int:
             else f"FAILED: {record.error}"
         )
         print(f"{record.name} ({origin}): {state}")
+        trace = getattr(record, "traceback", None)  # recorded by newer registries only
+        if record.error is not None and trace:
+            if args.verbose:
+                print(textwrap.indent(trace.rstrip("\n"), "    "))
+            hidden = not args.verbose
+    if hidden:
+        print("(`normzoo plugins --verbose` shows the tracebacks of the failed plugins)")
     return 0
 
 
@@ -202,7 +251,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``normzoo`` console script; returns the exit status."""
     warnings.showwarning = _show_warning
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the command's parser, which names the command's --help
+        args.command_parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.handler(args)
     except NormzooError as error:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import gzip
 import hashlib
 import shutil
+import struct
 
+import numpy as np
 import pytest
 import torch
 
 from normzoo.harness.data import DataError, bundled_dir, load_fashion_mnist, read_idx
+from normzoo.harness.experiment import RunConfig, run_experiment
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +92,68 @@ def test_wrong_magic_is_named(data_copy):
         read_idx(path, ndim=1)
     with pytest.raises(DataError, match="expected unsigned bytes with 3"):
         read_idx(data_copy / "t10k-labels-idx1-ubyte.gz", ndim=3)
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    """Write ``array`` (uint8) as an uncompressed IDX file."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def train_files(tmp_path):
+    """A data directory holding the bundled training files (linked) and no test files."""
+    for source in bundled_dir().glob("train-*"):
+        (tmp_path / source.name).symlink_to(source)
+    return tmp_path
+
+
+def test_images_that_are_not_28x28_are_named_with_their_shape(train_files):
+    write_idx(train_files / "t10k-images-idx3-ubyte", np.zeros((5, 32, 32)))
+    write_idx(train_files / "t10k-labels-idx1-ubyte", np.zeros(5))
+    with pytest.raises(DataError) as caught:
+        load_fashion_mnist(train_files)
+    message = str(caught.value)
+    assert str(train_files / "t10k-images-idx3-ubyte") in message
+    assert "32x32" in message and "(5, 32, 32)" in message and "28x28" in message
+
+
+def test_an_empty_test_set_is_an_error_not_accuracy_zero(train_files, tmp_path):
+    write_idx(train_files / "t10k-images-idx3-ubyte", np.zeros((0, 28, 28)))
+    write_idx(train_files / "t10k-labels-idx1-ubyte", np.zeros(0))
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte holds 0 images; the test split"):
+        load_fashion_mnist(train_files)
+    runs = tmp_path / "runs"
+    config = RunConfig(data_dir=str(train_files), runs_dir=str(runs), epochs=1, device="cpu")
+    with pytest.raises(DataError, match="holds 0 images"):
+        run_experiment(config, progress=False)
+    assert not runs.exists()
+
+
+def test_a_data_dir_that_does_not_exist_or_is_a_file_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(DataError, match=f"^--data-dir {tmp_path / 'nope'} does not exist; "):
+        load_fashion_mnist("~/nope")  # "~" is expanded, also after "--data-dir="
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(DataError, match="afile is a file, not a directory"):
+        load_fashion_mnist(tmp_path / "afile")
+
+
+def test_a_failed_download_is_one_line(tmp_path, monkeypatch):
+    """Offline for real: torchvision's HTTP requests go to a proxy port that refuses them."""
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    with pytest.raises(DataError) as caught:
+        load_fashion_mnist(tmp_path / "fmnist", download_missing=True)
+    message = str(caught.value)
+    assert message.startswith(f"download into {tmp_path / 'fmnist'} failed (")
+    assert "without internet" in message and "\n" not in message
+    assert caught.value.__cause__ is not None
+
+
+def test_download_into_a_path_under_a_file_is_named(tmp_path):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(DataError, match="cannot create --data-dir .*afile/fmnist"):
+        load_fashion_mnist(tmp_path / "afile" / "fmnist", download_missing=True)

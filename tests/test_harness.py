@@ -69,7 +69,7 @@ def test_short_training_run_learns_and_saves_everything(tmp_path):
     assert [row["test_acc"] for row in metrics["epochs"]] == [m.test_acc for m in result.epochs]
     config = json.loads((path / "config.json").read_text())
     assert config["config"]["norm"] == "batchnorm" and config["train_examples"] == 4096
-    assert config["resolved_norm_options"] == {"eps": 1e-5, "momentum": 0.1}
+    assert {"eps": 1e-5, "momentum": 0.1}.items() <= config["resolved_norm_options"].items()
     assert (path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     restored = build_lenet("batchnorm")
     restored.load_state_dict(torch.load(path / "model.pt", weights_only=True))

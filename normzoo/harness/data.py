@@ -33,6 +33,7 @@ FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 _UBYTE = 0x08
+IMAGE_SIZE = (28, 28)
 
 
 class DataError(NormzooError):
@@ -127,9 +128,19 @@ def find_idx_file(directory: Path, stem: str) -> Path:
 
 
 def _read_split(directory: Path, split: str) -> Split:
+    """Read and check one split; LeNet's layer sizes assume 28x28, so other sizes are errors
+    here rather than a shape mismatch deep inside the model, and an empty file would make
+    every accuracy a meaningless 0."""
     image_path, label_path = (find_idx_file(directory, stem) for stem in FILES[split])
     images = read_idx(image_path, ndim=3)
     labels = read_idx(label_path, ndim=1)
+    if images.shape[1:] != IMAGE_SIZE:
+        raise DataError(
+            f"{image_path} holds images of shape {images.shape[1]}x{images.shape[2]} "
+            f"(array shape {images.shape}); Fashion-MNIST images are 28x28"
+        )
+    if len(images) == 0:
+        raise DataError(f"{image_path} holds 0 images; the {split} split must not be empty")
     if len(images) != len(labels):
         raise DataError(
             f"{image_path} has {len(images)} images but {label_path} {len(labels)} labels"
@@ -140,8 +151,26 @@ def _read_split(directory: Path, split: str) -> Split:
     return Split(image_tensor, torch.from_numpy(labels.astype(np.int64)))
 
 
+def one_line(text: object) -> str:
+    """``text`` with every run of whitespace, newlines included, collapsed to one space.
+
+    Errors from torchvision (and torch) span several lines; ours are one line each.
+    """
+    return " ".join(str(text).split())
+
+
 def download(directory: Path) -> None:
-    """Fetch Fashion-MNIST into ``directory/FashionMNIST/raw`` through torchvision."""
+    """Fetch Fashion-MNIST into ``directory/FashionMNIST/raw`` through torchvision.
+
+    Raises :class:`DataError` with one line when the directory cannot be created or the
+    download fails (torchvision's own message lists every mirror over several lines).
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(
+            f"cannot create --data-dir {directory}: {error.strerror or error}"
+        ) from error
     from torchvision.datasets import FashionMNIST as TorchvisionFashionMNIST
 
     for train in (True, False):
@@ -149,17 +178,31 @@ def download(directory: Path) -> None:
             TorchvisionFashionMNIST(str(directory), train=train, download=True)
         except Exception as error:  # network errors come in many types
             raise DataError(
-                f"download into {directory} failed ({type(error).__name__}: {error}); "
-                "without internet, omit --download and --data-dir to use the bundled copy"
-            ) from None
+                f"download into {directory} failed ({type(error).__name__}: "
+                f"{one_line(error)}); without internet, omit --download and --data-dir to use "
+                "the bundled copy"
+            ) from error
 
 
 def load_fashion_mnist(
     data_dir: Path | str | None = None, download_missing: bool = False
 ) -> FashionMNIST:
-    """Load both splits, from ``data_dir`` or from the bundled copy when it is ``None``."""
+    """Load both splits, from ``data_dir`` or from the bundled copy when it is ``None``.
+
+    ``~`` in ``data_dir`` is expanded (``--data-dir=~/data`` reaches us unexpanded). A
+    directory that does not exist is named as such, not as four missing files.
+    """
     directory = Path(data_dir).expanduser() if data_dir is not None else bundled_dir()
     if download_missing:
-        directory.mkdir(parents=True, exist_ok=True)
         download(directory)
+    elif not directory.exists():
+        raise DataError(
+            f"--data-dir {directory} does not exist; pass a directory with the four IDX files, "
+            "add --download to fetch them there, or omit --data-dir to use the bundled copy"
+        )
+    elif not directory.is_dir():
+        raise DataError(
+            f"--data-dir {directory} is a file, not a directory; pass the directory that "
+            "holds the four IDX files, or omit --data-dir to use the bundled copy"
+        )
     return FashionMNIST(_read_split(directory, "train"), _read_split(directory, "test"))

@@ -9,25 +9,95 @@
 
 from __future__ import annotations
 
+import math
 import platform
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 import normzoo
 from normzoo.harness.data import load_fashion_mnist
-from normzoo.harness.model import build_lenet
-from normzoo.harness.runs import RunDirectory
+from normzoo.harness.model import build_lenet, first_line
+from normzoo.harness.runs import RunDirectory, check_runs_root, json_bytes
 from normzoo.harness.train import (
     EpochMetrics,
     TrainingDiverged,
     batch_bounds,
+    probe_norms,
     resolve_device,
     train,
 )
 from normzoo.interface import NormzooError
+
+#: ``--seed`` must fit torch's generators (a signed 64-bit integer; ``seed + 1`` seeds a second).
+MAX_SEED = 2**63 - 1
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM stopped a run.
+
+    A :class:`KeyboardInterrupt`, so code that stops on Ctrl-C stops on it too. ``directory``
+    is the run directory, whose ``metrics.json`` says ``interrupted`` (``None`` when the run
+    was stopped before its directory existed); ``signal_number`` is the signal.
+    """
+
+    def __init__(self, message: str, signal_number: int, directory: Path | None = None) -> None:
+        super().__init__(message)
+        self.signal_number = signal_number
+        self.directory = directory
+
+
+def _raise_interrupt(signal_number: int, frame: object) -> None:
+    raise RunInterrupted(f"stopped by {signal.Signals(signal_number).name}", signal_number)
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Turn SIGTERM into :class:`RunInterrupted` for the block, as SIGINT already is.
+
+    ``kill``, a batch scheduler or a container stop send SIGTERM, whose default action kills
+    the process on the spot, leaving ``metrics.json`` at ``running`` forever. Signal handlers
+    can only be set in the main thread; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[list[int]]:
+    """Hold SIGINT and SIGTERM off for the block; yields the list of those that arrived.
+
+    While the final files or a final status are being written, an interrupt would leave them
+    inconsistent with each other or with what the command line prints (``metrics.json`` says
+    ``finished`` while the terminal says ``interrupted``). The block is short; a signal that
+    arrives during it is recorded, and the caller decides what it means.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def defer(signal_number: int, frame: object) -> None:
+        received.append(signal_number)
+
+    previous = {number: signal.signal(number, defer) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 @dataclass(frozen=True)
@@ -61,7 +131,16 @@ class RunConfig:
     runs_dir: str = "runs"
 
     def validate(self) -> None:
-        """Reject values no run could use, naming the bad one."""
+        """Reject values no run could use, naming the bad one.
+
+        Non-finite floats are rejected explicitly: ``nan`` fails every comparison, so a range
+        check alone lets ``lr=nan`` through, and a NaN learning rate silently produces a NaN
+        model (``inf`` one that diverges at the first step).
+        """
+        for name in ("lr", "dropout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise NormzooError(f"{name} must be a finite number, got {value!r}")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise NormzooError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -69,6 +148,10 @@ class RunConfig:
             raise NormzooError(f"precise_stats must be >= 0, got {self.precise_stats}")
         if not self.lr > 0:
             raise NormzooError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise NormzooError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise NormzooError(f"seed must be in [0, 2**63 - 1], got {self.seed}")
         for name in ("train_subset", "test_subset"):
             value = getattr(self, name)
             if value is not None and value < 2:
@@ -77,8 +160,8 @@ class RunConfig:
 
 @dataclass
 class RunResult:
-    """Where the files went and what each epoch measured; ``status`` is ``finished``,
-    ``diverged`` or ``interrupted``."""
+    """Where the files went and what each epoch measured; ``status`` is ``finished`` or
+    ``diverged`` (a failed or interrupted run raises instead)."""
 
     directory: RunDirectory
     epochs: list[EpochMetrics]
@@ -94,11 +177,50 @@ def run_experiment(
     """Train LeNet with ``config`` and write config, metrics, weights and curves to a new run
     directory under ``config.runs_dir``.
 
-    Metrics are rewritten after every epoch, so a diverged or interrupted run keeps what it
-    finished; ``KeyboardInterrupt`` is recorded as status ``interrupted`` and re-raised.
+    Everything that can be checked is checked before the run directory is created: the
+    settings, the device, the runs directory, the data, and a trial batch through a copy of
+    the model (:func:`~normzoo.harness.train.probe_norms`), so bad input costs no directory.
+
+    Once the directory exists, ``metrics.json`` is rewritten after every epoch and always
+    ends with a final status, never ``running``:
+
+    - ``finished``: returned; weights and curves are saved.
+    - ``diverged``: a loss or running statistic became non-finite; returned with the message.
+    - ``interrupted``: Ctrl-C or SIGTERM (turned into an exception for the whole call);
+      :class:`RunInterrupted` is raised, carrying the directory.
+    - ``failed``: any other exception; recorded with its message, then re-raised.
+
+    SIGINT and SIGTERM are held off while the final files and the final status are written,
+    so a run is either finished completely or recorded as interrupted.
     """
+    with _sigterm_interrupts():
+        try:
+            return _run(config, progress, on_epoch)
+        except RunInterrupted:
+            raise
+        except KeyboardInterrupt as error:
+            raise RunInterrupted(str(error) or "interrupted", signal.SIGINT) from error
+
+
+def _config_record(config: RunConfig, device: torch.device, train: int, test: int) -> dict:
+    return {
+        "config": asdict(config),
+        "resolved_norm_options": normzoo.info(config.norm).resolve_options(config.norm_options),
+        "device": str(device),
+        "train_examples": train,
+        "test_examples": test,
+        "versions": {
+            "normzoo": normzoo.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+    }
+
+
+def _run(config: RunConfig, progress: bool, on_epoch: Callable[[EpochMetrics], None]) -> RunResult:
     config.validate()
     device = resolve_device(config.device)
+    check_runs_root(config.runs_dir)
     torch.manual_seed(config.seed)
     model = build_lenet(
         config.norm, config.norm_options, config.activation, config.placement,
@@ -106,23 +228,14 @@ def run_experiment(
     ).to(device)  # fmt: skip
     data = load_fashion_mnist(config.data_dir, config.download)
     data = data.subset(config.train_subset, config.test_subset).to(device)
-    batch_bounds(len(data.train), config.batch_size)  # fail before creating the run directory
+    if len(data.test) == 0:  # the loader refuses empty files; this guards other sources
+        raise NormzooError("the test set has 0 examples; accuracy would be meaningless")
+    batch_bounds(len(data.train), config.batch_size)
+    probe_norms(model, data.train, config.batch_size, config.norm)
+    record_of_config = _config_record(config, device, len(data.train), len(data.test))
+    json_bytes(record_of_config)  # a non-finite option fails here, before the directory exists
 
     directory = RunDirectory.create(config.runs_dir, config.norm)
-    directory.write_config(
-        {
-            "config": asdict(config),
-            "resolved_norm_options": normzoo.info(config.norm).resolve_options(config.norm_options),
-            "device": str(device),
-            "train_examples": len(data.train),
-            "test_examples": len(data.test),
-            "versions": {
-                "normzoo": normzoo.__version__,
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-            },
-        }
-    )
     history: list[EpochMetrics] = []
 
     def record(status: str, message: str = "") -> None:
@@ -132,24 +245,47 @@ def run_experiment(
         if history:
             directory.plot_curves([m.as_dict() for m in history], f"LeNet + {config.norm}")
 
+    def record_final(status: str, message: str) -> None:
+        """The final status, written with interrupts held off; a failure to write it must
+        not hide the error that ended the run."""
+        with _signals_deferred():
+            try:
+                record(status, message)
+            except Exception:
+                pass
+
     def epoch_done(metrics: EpochMetrics) -> None:
         history.append(metrics)
         record("running")
         on_epoch(metrics)
 
-    record("running")
     try:
+        directory.write_config(record_of_config)
+        record("running")
         train(
             model, data, config.epochs, config.lr, config.batch_size, config.seed,
             label=config.norm, on_epoch=epoch_done, progress=progress,
             precise_stats=config.precise_stats,
         )  # fmt: skip
+        with _signals_deferred():
+            directory.save_weights(model)
+            record("finished")
     except TrainingDiverged as error:
-        record("diverged", str(error))
+        record_final("diverged", str(error))
         return RunResult(directory, history, "diverged", str(error))
-    except KeyboardInterrupt:
-        record("interrupted", f"interrupted after {len(history)} finished epochs")
+    except KeyboardInterrupt as error:
+        number = getattr(error, "signal_number", signal.SIGINT)
+        message = (
+            f"{'interrupted' if number == signal.SIGINT else 'terminated'} by "
+            f"{signal.Signals(number).name} after {len(history)} finished epochs"
+        )
+        record_final("interrupted", message)
+        raise RunInterrupted(message, number, directory.path) from error
+    except BaseException as error:
+        if isinstance(error, NormzooError):
+            message = str(error)
+        else:
+            message = f"{type(error).__name__}: {first_line(error)}".rstrip(": ")
+        record_final("failed", message)
         raise
-    directory.save_weights(model)
-    record("finished")
     return RunResult(directory, history, "finished")

@@ -24,6 +24,32 @@ from normzoo.interface import NormzooError, suggest
 ACTIVATIONS: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}
 #: Which layers get a norm: ``all``, only the ``conv`` ones, only the ``fc`` ones, or ``none``.
 PLACEMENTS = ("all", "conv", "fc", "none")
+#: Attribute of a model from :func:`build_lenet` that names its norm children, in order.
+NORMS_ATTRIBUTE = "normzoo_norms"
+_NOT_NORMS = (
+    nn.Sequential, nn.Conv2d, nn.Linear, nn.Sigmoid, nn.ReLU, nn.AvgPool2d, nn.MaxPool2d,
+    nn.Flatten, nn.Dropout,
+)  # fmt: skip
+
+
+def norm_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every norm in ``model``, in order.
+
+    The harness checks the norms specifically (shapes in a trial batch, which module's
+    statistics went bad) and must tell them apart from LeNet's own layers without knowing
+    any norm's class. :func:`build_lenet` records their names in :data:`NORMS_ATTRIBUTE` (a
+    plain attribute: the ``state_dict`` keys stay those of normzoo 0.1.0); for any other
+    model, every module that is not a plain torch layer counts as a norm.
+    """
+    names = getattr(model, NORMS_ATTRIBUTE, None)
+    if names is not None:
+        modules = dict(model.named_modules())
+        return [(name, modules[name]) for name in names]
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if name and type(module) not in _NOT_NORMS
+    ]
 
 
 def build_lenet(
@@ -59,13 +85,33 @@ def build_lenet(
     options = dict(norm_options or {})
     normzoo.info(norm)  # fail early on an unknown name, even with placement "none"
 
+    norms: list[nn.Module] = []
+
+    def build_norm(features: int, layout: str) -> nn.Module:
+        try:
+            module = normzoo.build(norm, features, layout, **options)
+        except NormzooError:
+            raise  # already one line naming the norm and the bad value
+        except Exception as error:  # a plugin's factory can fail in any way
+            raise NormzooError(
+                f"norm {norm!r} failed to build for {features} features, layout {layout!r}: "
+                f"{type(error).__name__}: {first_line(error)}"
+            ) from error
+        if not isinstance(module, nn.Module):
+            raise NormzooError(
+                f"norm {norm!r} returned {type(module).__name__} for {features} features, "
+                f"layout {layout!r}; a norm's factory must return an nn.Module"
+            )
+        norms.append(module)
+        return module
+
     def block(layer: nn.Module, features: int, layout: str) -> list[nn.Module]:
         normalized = placement in ("all", layout)
         if normalized and not bias_before_norm:
             layer.bias = None
         modules = [layer]
         if normalized:
-            modules.append(normzoo.build(norm, features, layout, **options))
+            modules.append(build_norm(features, layout))
         modules.append(ACTIVATIONS[activation]())
         return modules
 
@@ -87,4 +133,16 @@ def build_lenet(
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             nn.init.xavier_uniform_(module.weight)  # the book's init_cnn
+    setattr(
+        model,
+        NORMS_ATTRIBUTE,
+        tuple(name for name, child in model.named_children() if any(child is n for n in norms)),
+    )
     return model
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message: torch's errors run to many lines, a harness
+    error is one, and the full text stays on the chained ``__cause__``."""
+    lines = str(error).strip().splitlines()
+    return lines[0].strip() if lines else ""

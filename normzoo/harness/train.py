@@ -6,23 +6,38 @@ generator and slices batches out of it, so the same seed gives the same numbers 
 
 from __future__ import annotations
 
+import copy
 import math
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from normzoo.harness.data import FashionMNIST, Split
+from normzoo.harness.model import first_line, norm_modules
 from normzoo.interface import NormzooError
 
 EVAL_BATCH = 2048
+#: What ``--device`` accepts, in the words of its error messages.
+DEVICES = "auto, cpu, cuda or cuda:N"
 
 
 class TrainingDiverged(NormzooError):
-    """The loss became NaN or infinite."""
+    """The loss or a running statistic became NaN or infinite."""
+
+
+class TrainingFailed(NormzooError):
+    """Training raised an error that is not normzoo's own, e.g. from inside a norm plugin;
+    the original exception is the ``__cause__``."""
+
+
+class NormProbeError(NormzooError):
+    """A norm failed the trial batch run before training: it raised, or changed the shape of
+    its input. The original exception, if any, is the ``__cause__``."""
 
 
 @dataclass(frozen=True)
@@ -48,15 +63,31 @@ class EpochMetrics:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` means CUDA when present, else CPU; anything else must be a usable device."""
+    """``auto`` means CUDA when present, else CPU; anything else must be a usable device.
+
+    Only CPU and CUDA are supported: torch also parses ``mps``, ``meta`` and others, but the
+    harness has not been made to work on them (``meta`` tensors hold no data at all), so they
+    are refused here rather than failing somewhere inside training.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise NormzooError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise NormzooError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    except (RuntimeError, TypeError):
+        raise NormzooError(f"unknown device {name!r}; use {DEVICES}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise NormzooError(f"device {name!r} is not supported; normzoo runs on {DEVICES} only")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise NormzooError(
+                f"device {name!r} requested but CUDA is not available; use --device cpu"
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise NormzooError(
+                f"device {name!r} requested but there {'is' if count == 1 else 'are'} only "
+                f"{count} CUDA device{'' if count == 1 else 's'}; use cuda:0 to cuda:{count - 1}"
+            )
     return device
 
 
@@ -107,15 +138,129 @@ def reestimate_running_stats(
     return len(norms)
 
 
+@contextmanager
+def _forked_rng(device: torch.device) -> Iterator[None]:
+    """Run a block without consuming the global RNG streams the training run will use."""
+    devices = []
+    if device.type == "cuda":  # only then: asking for the current CUDA device initializes CUDA
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def probe_norms(model: nn.Module, split: Split, batch_size: int, label: str) -> None:
+    """Run one training batch through a copy of ``model`` and check every norm on the way.
+
+    A norm plugin can fail in ways no declaration reveals: its forward raises, returns a
+    different shape (which a later layer may even accept), or refuses the batch size (batch
+    statistics of one example). Found during training, such a failure would leave a run
+    directory behind and show as a traceback; found here, before the run directory exists,
+    it becomes one :class:`NormProbeError` naming the norm, the module and the shapes, with
+    the original exception as ``__cause__``. Forward hooks on the norms (see
+    :func:`~normzoo.harness.model.norm_modules`) check that each returns a tensor of its
+    input's shape; the batch runs forward and backward in train mode, then forward in eval
+    mode. ``model`` itself, and the global random number generators, are left untouched.
+    """
+    try:
+        trial = copy.deepcopy(model)
+    except Exception as error:
+        raise NormProbeError(
+            f"norm {label!r}: the model cannot be copied for a trial batch "
+            f"({type(error).__name__}: {first_line(error)})"
+        ) from error
+    images, labels = split.images[:batch_size], split.labels[:batch_size]
+    running: list[tuple[str, tuple[int, ...]]] = []  # the norms being run, innermost last
+
+    def before(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple) -> None:
+            shape = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else ()
+            running.append((name, shape))
+
+        return hook
+
+    def after(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            _, shape = running.pop()
+            if not isinstance(output, torch.Tensor):
+                raise NormProbeError(
+                    f"norm {label!r} (module {name!r}) returned {type(output).__name__} for "
+                    f"input {shape} in {mode} mode; a norm must return a tensor"
+                )
+            if tuple(output.shape) != shape:
+                raise NormProbeError(
+                    f"norm {label!r} (module {name!r}) returned shape {tuple(output.shape)} "
+                    f"for input {shape} in {mode} mode; a norm must keep its input's shape"
+                )
+
+        return hook
+
+    for name, module in norm_modules(trial):
+        module.register_forward_pre_hook(before(name))
+        module.register_forward_hook(after(name))
+    mode = "train"
+    step = "forward"
+    try:
+        with _forked_rng(images.device):
+            trial.train()
+            loss = nn.functional.cross_entropy(trial(images), labels)
+            step = "backward"
+            loss.backward()
+            mode, step = "eval", "forward"
+            trial.eval()
+            with torch.no_grad():
+                trial(images)
+    except NormProbeError:
+        raise
+    except Exception as error:
+        detail = (
+            str(error).strip() if isinstance(error, NormzooError) else
+            f"{type(error).__name__}: {first_line(error)}"
+        )  # fmt: skip
+        if running:
+            name, shape = running[-1]
+            where = f"norm {label!r} (module {name!r}) failed on input {shape} in {mode} mode"
+        else:
+            where = f"with norm {label!r}, the {step} pass in {mode} mode failed"
+        raise NormProbeError(
+            f"{where} (a trial batch of --batch-size {batch_size}): {detail}"
+        ) from error
+
+
+def check_finite_buffers(model: nn.Module, label: str, when: str) -> None:
+    """Raise :class:`TrainingDiverged` naming the module whose floating buffer is not finite.
+
+    A norm's running statistics can turn NaN or infinite while the training loss stays finite
+    (train mode uses batch statistics); every eval-mode prediction would then be garbage and
+    the accuracy silently near chance. ``when`` completes the sentence, e.g.
+    ``"in epoch 3"``. Checks every floating buffer, not only the norms'.
+    """
+    norms = {name for name, _ in norm_modules(model)}
+    for name, buffer in model.named_buffers():
+        if not buffer.is_floating_point() or bool(torch.isfinite(buffer).all()):
+            continue
+        module = name.rpartition(".")[0]
+        owner = label if module in norms else type(model.get_submodule(module)).__name__
+        raise TrainingDiverged(
+            f"running statistics of {module or '(model)'!r} ({owner}) became non-finite "
+            f"{when} (buffer {name!r}); try a smaller --lr"
+        )
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, split: Split, batch_size: int = EVAL_BATCH) -> float:
-    """Fraction of ``split`` that ``model`` classifies correctly, in eval mode."""
+    """Fraction of ``split`` that ``model`` classifies correctly, in eval mode.
+
+    Raises :class:`NormzooError` for an empty split: its accuracy is undefined, and 0 would
+    read as a (terrible) measurement.
+    """
+    if len(split) == 0:
+        raise NormzooError("cannot measure accuracy on a split of 0 examples")
     model.eval()
     correct = 0
     for start in range(0, len(split), batch_size):
         logits = model(split.images[start : start + batch_size])
         correct += int((logits.argmax(dim=1) == split.labels[start : start + batch_size]).sum())
-    return correct / max(len(split), 1)
+    return correct / len(split)
 
 
 def train(
@@ -144,8 +289,11 @@ def train(
     on_epoch:
         Called with each epoch's metrics as soon as they exist, e.g. to write them to disk.
 
-    Raises :class:`TrainingDiverged` when a batch loss is not finite; the epochs already
-    reported through ``on_epoch`` stay reported.
+    Raises :class:`TrainingDiverged` when a batch loss is not finite, or a floating buffer
+    (a running statistic) is not finite after an epoch's training or after the re-estimation;
+    the epochs already reported through ``on_epoch`` stay reported. Any other error from
+    training or testing (a plugin's forward failing in epoch 3, CUDA out of memory) becomes a
+    one-line :class:`TrainingFailed` naming the epoch and the norm, the original chained.
 
     An incomplete last batch is dropped (a fresh permutation each epoch still reaches every
     example): a few leftover examples give batch statistics so noisy, or a covariance so
@@ -153,24 +301,61 @@ def train(
     batches of 256 drop 96 per epoch).
     """
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    loss_fn = nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(seed)
     stats_generator = torch.Generator().manual_seed(seed + 1)  # training order stays the same
-    device = data.train.images.device
-    size = len(data.train)
-    batches = batch_bounds(size, batch_size)
+    batches = batch_bounds(len(data.train), batch_size)
     history: list[EpochMetrics] = []
     for epoch in range(1, epochs + 1):
-        model.train()
-        order = torch.randperm(size, generator=generator).to(device)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
-        started = time.perf_counter()
-        bar = tqdm(
-            batches, desc=f"{label} epoch {epoch}/{epochs}", unit="batch", leave=False,
-            disable=not progress, dynamic_ncols=True,
-        )  # fmt: skip
+        try:
+            metrics = _epoch(
+                model, data, optimizer, batches, generator, epoch, epochs, label, progress
+            )
+            check_finite_buffers(model, label, f"in epoch {epoch}")
+            if precise_stats:
+                reestimate_running_stats(
+                    model, data.train, batch_size, precise_stats, stats_generator
+                )
+                check_finite_buffers(
+                    model, label, f"while re-estimating them (--precise-stats) in epoch {epoch}"
+                )
+            metrics = replace(metrics, test_acc=accuracy(model, data.test))
+        except NormzooError:
+            raise
+        except Exception as error:
+            raise TrainingFailed(
+                f"training with norm {label!r} failed in epoch {epoch}: "
+                f"{type(error).__name__}: {first_line(error)}"
+            ) from error
+        history.append(metrics)
+        on_epoch(metrics)
+    return history
+
+
+def _epoch(
+    model: nn.Module,
+    data: FashionMNIST,
+    optimizer: torch.optim.Optimizer,
+    batches: list[tuple[int, int]],
+    generator: torch.Generator,
+    epoch: int,
+    epochs: int,
+    label: str,
+    progress: bool,
+) -> EpochMetrics:
+    """One pass over the training set; the metrics' ``test_acc`` is still NaN."""
+    loss_fn = nn.CrossEntropyLoss()
+    device = data.train.images.device
+    model.train()
+    order = torch.randperm(len(data.train), generator=generator).to(device)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    started = time.perf_counter()
+    bar = tqdm(
+        batches, desc=f"{label} epoch {epoch}/{epochs}", unit="batch", leave=False,
+        disable=not progress, dynamic_ncols=True,
+    )  # fmt: skip
+    try:
         for step, (start, stop) in enumerate(bar):
             index = order[start:stop]
             images, labels = data.train.images[index], data.train.labels[index]
@@ -193,18 +378,14 @@ def train(
                 bar.set_postfix(loss=f"{value:.3f}", refresh=False)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - started
+    finally:
         bar.close()
-        if precise_stats:
-            reestimate_running_stats(model, data.train, batch_size, precise_stats, stats_generator)
-        metrics = EpochMetrics(
-            epoch=epoch,
-            train_loss=float(loss_sum) / seen,
-            train_acc=int(correct) / seen,
-            test_acc=accuracy(model, data.test),
-            examples_per_sec=seen / elapsed,
-            seconds=elapsed,
-        )
-        history.append(metrics)
-        on_epoch(metrics)
-    return history
+    elapsed = time.perf_counter() - started
+    return EpochMetrics(
+        epoch=epoch,
+        train_loss=float(loss_sum) / seen,
+        train_acc=int(correct) / seen,
+        test_acc=math.nan,
+        examples_per_sec=seen / max(elapsed, 1e-9),
+        seconds=elapsed,
+    )
