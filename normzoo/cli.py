@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--dropout", type=float, default=0.0, help="dropout after the hidden fc layers"
     )
+    run.add_argument(
+        "--freeze-affine", action="store_true",
+        help="keep every norm's gamma at 1 and beta at 0 (builds the norms with affine=false)",
+    )  # fmt: skip
     run.add_argument("--epochs", type=_positive_int, default=10)
     run.add_argument("--lr", type=float, default=1.0, help="SGD learning rate")
     run.add_argument("--batch-size", type=_positive_int, default=256)
@@ -164,6 +168,7 @@ def _run(args: argparse.Namespace) -> int:
         placement=args.placement,
         bias_before_norm=args.bias_before_norm,
         dropout=args.dropout,
+        freeze_affine=args.freeze_affine,
         epochs=args.epochs,
         lr=args.lr,
         batch_size=args.batch_size,
@@ -203,10 +208,12 @@ def _run(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     norms = normzoo.available()
     width = max(len(norm.name) for norm in norms)
-    print(f"{'name':<{width}}  {'layouts':<8}  {'batch stats':<11}  summary")
+    layouts = {norm.name: ",".join(norm.layouts) for norm in norms}
+    column = max(len("layouts"), *(len(text) for text in layouts.values()))
+    print(f"{'name':<{width}}  {'layouts':<{column}}  {'batch stats':<11}  summary")
     for norm in norms:
         batch = "yes" if norm.uses_batch_stats else "no"
-        print(f"{norm.name:<{width}}  {','.join(norm.layouts):<8}  {batch:<11}  {norm.summary}")
+        print(f"{norm.name:<{width}}  {layouts[norm.name]:<{column}}  {batch:<11}  {norm.summary}")
     return 0
 
 
@@ -214,6 +221,7 @@ def _info(args: argparse.Namespace) -> int:
     norm = normzoo.info(args.name)
     print(f"{norm.name}: {norm.summary}")
     print(f"  plugin:      {norm.plugin}")
+    print(f"  version:     {norm.version}")
     print(f"  layouts:     {', '.join(norm.layouts)}")
     print(f"  batch stats: {'yes' if norm.uses_batch_stats else 'no'}")
     print(f"  reference:   {norm.reference or '-'}")
@@ -227,17 +235,17 @@ def _plugins(args: argparse.Namespace) -> int:
     hidden = False  # a traceback that --verbose would show
     for record in normzoo.plugins():
         origin = f"{record.distribution} {record.version}".strip() or "in-process"
-        state = (
-            f"norms: {', '.join(record.norms)}"
-            if record.error is None
-            else f"FAILED: {record.error}"
-        )
+        if record.disabled:
+            state = "disabled by NORMZOO_DISABLE"
+        elif record.failed:
+            state = f"FAILED: {record.error}"
+        else:
+            state = f"norms: {', '.join(record.norms)}"
         print(f"{record.name} ({origin}): {state}")
-        trace = getattr(record, "traceback", None)  # recorded by newer registries only
-        if record.error is not None and trace:
+        if record.failed and record.traceback:
             if args.verbose:
-                print(textwrap.indent(trace.rstrip("\n"), "    "))
-            hidden = not args.verbose
+                print(textwrap.indent(record.traceback.rstrip("\n"), "    "))
+            hidden = hidden or not args.verbose
     if hidden:
         print("(`normzoo plugins --verbose` shows the tracebacks of the failed plugins)")
     return 0

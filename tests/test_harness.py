@@ -163,3 +163,86 @@ def test_precise_stats_replaces_running_averages_by_the_mean_over_batches():
     assert reestimate_running_stats(model, split, 16, 3, generator) == 4
     torch.testing.assert_close(first_norm.running_mean, expected)
     assert first_norm.momentum == 0.1
+
+
+def test_precise_stats_keeps_dropout_off_and_skips_norms_without_the_capability():
+    """Re-estimation runs only the norms in train mode: with dropout 0.5 the statistics come out
+    the same on every call (train-mode dropout would draw new masks), and equal those of the
+    same weights without dropout layers. A module with a float ``momentum`` that is no
+    NormBase is not touched: the capability is declared, not guessed."""
+
+    class MomentumButNoCapability(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.momentum = 0.1
+            self.register_buffer("running_mean", torch.full((3,), 7.0))
+
+        def forward(self, x):
+            return x
+
+    torch.manual_seed(0)
+    with_dropout = build_lenet("batchnorm", dropout=0.5)
+    without = build_lenet("batchnorm")
+    values = with_dropout.state_dict().values()  # the same tensors, other Sequential indices
+    without.load_state_dict(dict(zip(without.state_dict(), values, strict=True)))
+    images = torch.rand(64, 1, 28, 28)
+    split = Split(images, torch.zeros(64, dtype=torch.long))
+    results = []
+    for model in (with_dropout, with_dropout, without):
+        reestimate_running_stats(model, split, 16, 3, torch.Generator().manual_seed(3))
+        results.append([norm.running_mean.clone() for norm in model if hasattr(norm, "eps")])
+    for first, again, reference in zip(*results, strict=True):
+        assert torch.equal(first, again)
+        torch.testing.assert_close(first, reference)
+    bystander = MomentumButNoCapability()
+    assert reestimate_running_stats(nn.Sequential(bystander), split, 16, 3, torch.Generator()) == 0
+    assert torch.equal(bystander.running_mean, torch.full((3,), 7.0))
+
+
+@pytest.mark.parametrize("norm", [n.name for n in normzoo.available() if n.name != "instancenorm"])
+def test_freeze_affine_leaves_the_norms_without_learnable_parameters(norm):
+    model = build_lenet(norm, freeze_affine=True)
+    lenet_layers = (nn.Conv2d, nn.Linear)
+    norm_parameters = [
+        name
+        for name, module in model.named_modules()
+        if not isinstance(module, lenet_layers)
+        for name, _ in module.named_parameters(recurse=False)
+    ]
+    assert norm_parameters == []
+    assert all(
+        getattr(module, "affine", False) is False for module in model if hasattr(module, "eps")
+    )
+
+
+def test_freeze_affine_trains_with_gamma_one_and_beta_zero_and_is_recorded(tmp_path):
+    config = RunConfig(
+        norm="batchnorm", epochs=1, train_subset=1024, test_subset=256, precise_stats=2,
+        freeze_affine=True, runs_dir=str(tmp_path),
+    )  # fmt: skip
+    result = run_experiment(config, progress=False)
+    saved = json.loads((result.directory.path / "config.json").read_text())
+    assert saved["config"]["freeze_affine"] is True
+    assert saved["resolved_norm_options"]["affine"] is False
+    weights = torch.load(result.directory.path / "model.pt", weights_only=True)
+    assert "1.weight" not in weights and "1.running_mean" in weights
+
+
+def test_freeze_affine_refuses_a_norm_it_cannot_freeze_and_a_contradiction(tmp_path):
+    class Scale(nn.Module):
+        def __init__(self, num_features, layout):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(num_features))
+
+        def forward(self, x):
+            return x
+
+    info = normzoo.NormInfo(
+        name="scale-only", summary="a scale", layouts=("fc", "conv"), uses_batch_stats=False,
+        factory=Scale,
+    )  # fmt: skip
+    with normzoo.register(info):
+        with pytest.raises(normzoo.NormzooError, match="--freeze-affine needs a norm whose"):
+            build_lenet("scale-only", freeze_affine=True)
+    with pytest.raises(normzoo.NormzooError, match="contradicts --norm-opt affine=true"):
+        build_lenet("batchnorm", {"affine": "true"}, freeze_affine=True)

@@ -23,7 +23,7 @@ import torch
 
 import normzoo
 from normzoo.harness.data import load_fashion_mnist
-from normzoo.harness.model import build_lenet, first_line
+from normzoo.harness.model import build_lenet, first_line, frozen_affine_options
 from normzoo.harness.runs import RunDirectory, check_runs_root, json_bytes
 from normzoo.harness.train import (
     EpochMetrics,
@@ -118,6 +118,7 @@ class RunConfig:
     placement: str = "all"
     bias_before_norm: bool = True
     dropout: float = 0.0
+    freeze_affine: bool = False
     epochs: int = 10
     lr: float = 1.0
     batch_size: int = 256
@@ -203,9 +204,13 @@ def run_experiment(
 
 
 def _config_record(config: RunConfig, device: torch.device, train: int, test: int) -> dict:
+    info = normzoo.info(config.norm)
+    options = dict(config.norm_options)
+    if config.freeze_affine:
+        options.update(frozen_affine_options(info, options))
     return {
         "config": asdict(config),
-        "resolved_norm_options": normzoo.info(config.norm).resolve_options(config.norm_options),
+        "resolved_norm_options": info.resolve_options(options),
         "device": str(device),
         "train_examples": train,
         "test_examples": test,
@@ -224,7 +229,7 @@ def _run(config: RunConfig, progress: bool, on_epoch: Callable[[EpochMetrics], N
     torch.manual_seed(config.seed)
     model = build_lenet(
         config.norm, config.norm_options, config.activation, config.placement,
-        config.bias_before_norm, config.dropout,
+        config.bias_before_norm, config.dropout, config.freeze_affine,
     ).to(device)  # fmt: skip
     data = load_fashion_mnist(config.data_dir, config.download)
     data = data.subset(config.train_subset, config.test_subset).to(device)

@@ -59,6 +59,7 @@ def build_lenet(
     placement: str = "all",
     bias_before_norm: bool = True,
     dropout: float = 0.0,
+    freeze_affine: bool = False,
 ) -> nn.Sequential:
     """Build LeNet with norm ``norm`` in the slots that ``placement`` selects.
 
@@ -75,6 +76,10 @@ def build_lenet(
         makes that bias redundant, which one of the chapter's exercises asks about.
     dropout:
         Probability of the dropout after each hidden fc layer; 0 for none.
+    freeze_affine:
+        Keep every norm's gamma at 1 and beta at 0 (the chapter's exercise on the role of
+        gamma and beta) by building the norms with their ``affine`` option set to false; a
+        norm with learnable parameters and no ``affine`` option is an error.
     """
     if activation not in ACTIVATIONS:
         raise NormzooError(suggest("activation", activation, ACTIVATIONS))
@@ -83,24 +88,18 @@ def build_lenet(
     if not 0.0 <= dropout < 1.0:
         raise NormzooError(f"dropout must be in [0, 1), got {dropout!r}")
     options = dict(norm_options or {})
-    normzoo.info(norm)  # fail early on an unknown name, even with placement "none"
+    info = normzoo.info(norm)  # fail early on an unknown name, even with placement "none"
+    if freeze_affine:
+        options.update(frozen_affine_options(info, options))
 
     norms: list[nn.Module] = []
 
     def build_norm(features: int, layout: str) -> nn.Module:
-        try:
-            module = normzoo.build(norm, features, layout, **options)
-        except NormzooError:
-            raise  # already one line naming the norm and the bad value
-        except Exception as error:  # a plugin's factory can fail in any way
+        module = normzoo.build(norm, features, layout, **options)  # errors are one line
+        if freeze_affine and any(True for _ in module.parameters()):
             raise NormzooError(
-                f"norm {norm!r} failed to build for {features} features, layout {layout!r}: "
-                f"{type(error).__name__}: {first_line(error)}"
-            ) from error
-        if not isinstance(module, nn.Module):
-            raise NormzooError(
-                f"norm {norm!r} returned {type(module).__name__} for {features} features, "
-                f"layout {layout!r}; a norm's factory must return an nn.Module"
+                f"norm {norm!r} still has learnable parameters with affine=False; "
+                "--freeze-affine needs a norm whose 'affine' option removes them"
             )
         norms.append(module)
         return module
@@ -139,6 +138,20 @@ def build_lenet(
         tuple(name for name, child in model.named_children() if any(child is n for n in norms)),
     )
     return model
+
+
+def frozen_affine_options(info: normzoo.NormInfo, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options that keep norm ``info``'s gamma at 1 and beta at 0: ``affine=False`` where
+    the norm declares that option, nothing for a norm without one (which must then have no
+    parameters at all). Contradicting ``affine=true`` is an error."""
+    if not info.has_option("affine"):
+        return {}
+    given = options.get("affine")
+    if given is not None and info.option("affine").convert(given, info.name):
+        raise NormzooError(
+            f"--freeze-affine contradicts --norm-opt affine={given}; drop one of them"
+        )
+    return {"affine": False}
 
 
 def first_line(error: BaseException) -> str:

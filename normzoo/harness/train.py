@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from normzoo.base import cumulative_running_stats, reestimable_norms
 from normzoo.harness.data import FashionMNIST, Split
 from normzoo.harness.model import first_line, norm_modules
 from normzoo.interface import NormzooError
@@ -113,28 +114,25 @@ def reestimate_running_stats(
     During training at a large learning rate the running averages trail the weights: they mix
     statistics of many past versions of the network, so eval-mode accuracy lags and swings
     from epoch to epoch. This "precise BN" step (Wu & Johnson, *Rethinking "Batch" in
-    BatchNorm*, 2021) runs forward passes in train mode with frozen weights and sets each
-    norm's ``momentum`` to ``1/k`` at the k-th batch, which turns the exponential average into
-    the plain mean of the ``num_batches`` batch statistics. It applies to every module with a
-    float ``momentum`` attribute that weights the new batch in its running averages (all the
-    bundled norms with running statistics); the original momenta are restored afterwards.
+    BatchNorm*, 2021) resets each norm's running statistics and runs forward passes with
+    frozen weights, averaging the batch statistics with equal weights (a cumulative average,
+    ``momentum=None``). Only the norms run in train mode: dropout and every other layer stay
+    in eval mode, so the statistics are those of the network that is tested.
 
-    Returns the number of modules whose statistics were re-estimated.
+    It applies to the norms that declare the capability (:func:`normzoo.base.reestimable_norms`:
+    every :class:`normzoo.NormBase` and torch's own norms with running statistics); their
+    momenta are restored afterwards. Returns the number of modules re-estimated.
     """
-    norms = [m for m in model.modules() if isinstance(getattr(m, "momentum", None), float)]
+    norms = reestimable_norms(model)
     if not norms:
         return 0
-    saved = [module.momentum for module in norms]
     order = torch.randperm(len(split), generator=generator).to(split.images.device)
-    model.train()
-    try:
-        for k, (start, stop) in enumerate(batch_bounds(len(split), batch_size)[:num_batches], 1):
-            for module in norms:
-                module.momentum = 1.0 / k
+    model.eval()
+    for module in norms:
+        module.train()
+    with cumulative_running_stats(norms):
+        for start, stop in batch_bounds(len(split), batch_size)[:num_batches]:
             model(split.images[order[start:stop]])
-    finally:
-        for module, momentum in zip(norms, saved, strict=True):
-            module.momentum = momentum
     return len(norms)
 
 
