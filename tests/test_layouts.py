@@ -277,3 +277,20 @@ def test_low_precision_inputs_are_normalized_in_float32(norm, dtype):
             assert y.float().std() > 0.5
         tolerance = 0.1 if dtype == torch.float16 else 0.5
         torch.testing.assert_close(y.double(), expected, rtol=0.05, atol=tolerance)
+
+
+@pytest.mark.parametrize("norm", [n.name for n in normzoo.available()])
+def test_a_float16_module_trains_and_evaluates(norm):
+    """``module.half()`` keeps parameters and buffers in float16 (as torch's own norms do): the
+    statistics are still computed in float32, so moderate activations work in both modes.
+    (Running variances beyond float16's 65504 cannot be stored in a float16 buffer, in torch
+    as here: keep the norms in float32, as autocast does, for activations that large.)"""
+    layout = "conv" if norm != "instancenorm" else "conv1d"
+    generator = torch.Generator().manual_seed(1)
+    module = normzoo.build(norm, C, layout=layout).half()
+    for training in (True, True, False):
+        module.train(training)
+        x = (torch.randn(SHAPES[layout], generator=generator) * 10 + 5).half()
+        with torch.no_grad():
+            y = module(x)
+        assert y.dtype == torch.float16 and torch.isfinite(y).all()
