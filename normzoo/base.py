@@ -123,6 +123,8 @@ class NormBase(AffineNorm):
     """
 
     _version = 2
+    #: Declares that :func:`reestimable_norms` may reset and re-average the running statistics.
+    reestimable = True
 
     def __init__(
         self,
@@ -225,15 +227,17 @@ class NormBase(AffineNorm):
 def reestimable_norms(model: nn.Module) -> list[nn.Module]:
     """The modules of ``model`` whose running statistics can be re-estimated.
 
-    These are every :class:`NormBase` and torch's own norms that track running statistics
-    (``nn.BatchNorm*d``, ``nn.SyncBatchNorm``, instance norms built with
-    ``track_running_stats=True``): all of them implement ``reset_running_stats()`` and treat
-    ``momentum=None`` as a cumulative average.
+    A module declares the capability with the class attribute ``reestimable = True`` and then
+    implements ``reset_running_stats()`` and a ``momentum`` attribute that treats ``None`` as a
+    cumulative average. :class:`NormBase` declares it for every subclass; a norm that does not
+    derive from it can declare it too. torch's own norms that track running statistics
+    (``nn.BatchNorm*d``, ``nn.SyncBatchNorm``, instance norms with ``track_running_stats=True``)
+    implement exactly that contract and are included.
     """
     return [
         module
         for module in model.modules()
-        if isinstance(module, NormBase)
+        if getattr(type(module), "reestimable", False) is True
         or (isinstance(module, _TorchNormBase) and module.track_running_stats)
     ]
 

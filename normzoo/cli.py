@@ -252,7 +252,8 @@ def _plugins(args: argparse.Namespace) -> int:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
-    print(f"normzoo: warning: {message}", file=sys.stderr)
+    where = f" ({filename}:{lineno})" if issubclass(category, normzoo.PluginWarning) else ""
+    print(f"normzoo: warning: {message}{where}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -51,13 +51,15 @@ NormCheck = Callable[[Mapping[str, Any], int], None]
 RESERVED_OPTION_NAMES = frozenset({"num_features", "layout"})
 
 _NAME_PATTERN = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
-_TRUE_WORDS = {"true", "yes", "on", "1"}
-_FALSE_WORDS = {"false", "no", "off", "0"}
+#: Words read as true and as false, for bool options and for normzoo's environment switches.
+TRUE_WORDS = frozenset({"true", "yes", "on", "1"})
+FALSE_WORDS = frozenset({"false", "no", "off", "0"})
 _NONE_WORDS = {"none", "null"}
 
 __all__ = [
     "AFFINE",
     "EPS",
+    "FALSE_WORDS",
     "LAYOUTS",
     "MOMENTUM",
     "BatchSizeError",
@@ -69,6 +71,7 @@ __all__ = [
     "NormzooError",
     "Option",
     "OptionError",
+    "TRUE_WORDS",
     "UnknownNormError",
     "check_batch_size",
     "check_input",
@@ -164,9 +167,9 @@ class Option:
     def _parse(self, text: str, where: str) -> Any:
         if self.type is bool:
             word = text.strip().lower()
-            if word in _TRUE_WORDS:
+            if word in TRUE_WORDS:
                 return True
-            if word in _FALSE_WORDS:
+            if word in FALSE_WORDS:
                 return False
             raise OptionError(f"{where} expects true or false, got {text!r}")
         try:
@@ -326,6 +329,11 @@ class NormInfo:
         for option in self.options:
             if option.name == name:
                 return option
+        if name in RESERVED_OPTION_NAMES:
+            raise OptionError(
+                f"norm {self.name!r}: {name!r} is not an option but an argument of build(); "
+                f"options: {', '.join(o.name for o in self.options) or '(none)'}"
+            )
         valid = [option.name for option in self.options]
         raise OptionError(f"norm {self.name!r}: {suggest('option', name, valid)}")
 
@@ -378,7 +386,7 @@ def check_input(x: Any, num_features: int, layout: str, norm: str) -> None:
     get_layout(layout).check_input(x, num_features, norm)
 
 
-def check_batch_size(x: Any, norm: str, layout: str = "conv") -> None:
+def check_batch_size(x: Any, norm: str, layout: str) -> None:
     """Raise :class:`BatchSizeError` when a training batch has fewer than 2 values per channel.
 
     Batch statistics of a single value are meaningless (its variance is 0), so a norm that

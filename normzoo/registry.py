@@ -27,9 +27,9 @@ error naming the variable.
 
 from __future__ import annotations
 
-import importlib.util
 import numbers
 import os
+import sys
 import traceback as traceback_module
 import warnings
 from collections.abc import Callable
@@ -48,7 +48,7 @@ from normzoo.errors import (
     UnknownNormError,
     suggest,
 )
-from normzoo.interface import NormInfo
+from normzoo.interface import FALSE_WORDS, TRUE_WORDS, NormInfo
 
 ENTRY_POINT_GROUP = "normzoo"
 BUILTIN_DISTRIBUTION = "normzoo"
@@ -56,8 +56,7 @@ STRICT_ENV = "NORMZOO_STRICT_PLUGINS"
 BUILTIN_ONLY_ENV = "NORMZOO_BUILTIN_ONLY"
 DISABLE_ENV = "NORMZOO_DISABLE"
 
-_TRUE_WORDS = {"1", "true", "yes", "on"}
-_FALSE_WORDS = {"", "0", "false", "no", "off"}
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 class PluginWarning(UserWarning):
@@ -71,9 +70,9 @@ class PluginLoadError(NormzooError):
 def env_flag(name: str) -> bool:
     """The boolean environment variable ``name``; :class:`NormzooError` for other words."""
     word = os.environ.get(name, "").strip().lower()
-    if word in _TRUE_WORDS:
+    if word in TRUE_WORDS:
         return True
-    if word in _FALSE_WORDS:
+    if word in FALSE_WORDS or not word:
         return False
     raise NormzooError(
         f"environment variable {name}={os.environ[name]!r} is not a switch; "
@@ -201,22 +200,24 @@ class Registry:
                 version=entry_point.dist.version if entry_point.dist else "",
                 module=entry_point.module,
             )
-            if entry_point.name in owners:
-                if owners[entry_point.name] == distribution:
-                    continue  # the same distribution seen twice on sys.path
+            owner = owners.get(entry_point.name)
+            if owner == distribution:
+                continue  # the same distribution seen twice on sys.path
+            if owner is not None:
                 record.name = f"{entry_point.name} ({distribution})"
+            if record.name in disabled:  # a disabled plugin claims no name
+                record.disabled = True
+                self._plugins[record.name] = record
+                continue
+            if owner is not None:
                 message = (
                     f"entry-point name {entry_point.name!r} of distribution {distribution!r} is "
-                    f"already taken by distribution {owners[entry_point.name]!r}; rename the "
-                    "entry point in one of them"
+                    f"already taken by distribution {owner!r}; rename the entry point in one of "
+                    f"them, or skip one with {DISABLE_ENV}"
                 )
                 self._fail(record, message, strict=strict)
                 continue
             owners[entry_point.name] = distribution
-            if entry_point.name in disabled:
-                record.disabled = True
-                self._plugins[record.name] = record
-                continue
             try:
                 plugin = entry_point.load()
             except (Exception, SystemExit) as error:  # a broken plugin must not take others down
@@ -238,12 +239,13 @@ class Registry:
             record.exception = error
             record.traceback = "".join(traceback_module.format_exception(error))
         self._plugins[record.name] = record
-        text = f"normzoo plugin {record.name!r} skipped: {message}"
         if strict:
+            text = f"normzoo plugin {record.name!r} failed to load ({STRICT_ENV} is on): {message}"
             self._strict_error = PluginLoadError(text)
             if error is not None:
                 self._strict_error.__cause__ = error
             raise self._strict_error
+        text = f"normzoo plugin {record.name!r} skipped: {message}"
         filename, lineno = _plugin_location(record, error)
         warnings.warn_explicit(text, PluginWarning, filename, lineno, module=record.module or None)
 
@@ -299,8 +301,8 @@ class Registry:
         unknown = sorted(caller.name for caller in callers if not caller.has_spec())
         if unknown:
             raise _PluginFailure(
-                f"it implements unknown hook {unknown[0]!r}; "
-                f"{suggest('hook', unknown[0], ['normzoo_register_norms'])}"
+                f"it implements unknown hook {unknown[0]!r}; the one normzoo hook is "
+                "'normzoo_register_norms'"
             )
         if not any(caller.name == "normzoo_register_norms" for caller in callers):
             raise _PluginFailure(
@@ -454,18 +456,14 @@ def _describe(error: BaseException) -> str:
 
 
 def _plugin_location(record: PluginRecord, error: BaseException | None) -> tuple[str, int]:
-    """The file and line a warning about ``record`` should point at: the plugin's innermost
-    frame in the traceback, else its module's file, else the entry point's name."""
-    origin = ""
-    if record.module:
-        try:
-            spec = importlib.util.find_spec(record.module)
-        except (ImportError, ValueError):
-            spec = None
-        origin = spec.origin if spec and spec.origin else ""
+    """The file and line a warning about ``record`` should point at: the innermost frame of
+    the plugin's own traceback outside Python's import machinery, else the file of its loaded
+    module, else the entry point's name. Nothing is imported here: a second import of a broken
+    plugin would run its code again, outside any guard."""
     if error is not None and error.__traceback__ is not None:
-        frames = traceback_module.extract_tb(error.__traceback__)
-        for frame in reversed(frames):
-            if origin and frame.filename == origin:
+        for frame in reversed(traceback_module.extract_tb(error.__traceback__)):
+            if not frame.filename.startswith("<") and not frame.filename.startswith(_OWN_DIR):
                 return frame.filename, frame.lineno or 1
-    return (origin or f"<normzoo plugin {record.name}>"), 1
+    module = sys.modules.get(record.module) if record.module else None
+    filename = getattr(module, "__file__", None)
+    return (filename or f"<normzoo plugin {record.name}>"), 1

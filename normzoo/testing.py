@@ -191,7 +191,8 @@ def check_train_eval(subject: Subject) -> None:
         depends = not torch.allclose(first, second, rtol=1e-5, atol=1e-6)
         if subject.norm.uses_batch_stats:
             assert depends, f"{where}: uses_batch_stats=True, yet train output ignores the batch"
-            buffers = {key for key, value in before.items() if value.is_floating_point()}
+            buffers = {key for key, value in module.named_buffers() if value.is_floating_point()}
+            buffers &= set(before)  # persistent ones: those a state dict carries
             changed = [
                 key for key in buffers if not torch.equal(module.state_dict()[key], before[key])
             ]

@@ -246,3 +246,38 @@ def test_freeze_affine_refuses_a_norm_it_cannot_freeze_and_a_contradiction(tmp_p
             build_lenet("scale-only", freeze_affine=True)
     with pytest.raises(normzoo.NormzooError, match="contradicts --norm-opt affine=true"):
         build_lenet("batchnorm", {"affine": "true"}, freeze_affine=True)
+
+
+def test_a_norm_without_lenets_fc_layout_says_which_placement_works():
+    with pytest.raises(normzoo.NormzooError, match="does not support layout 'fc'.*--placement conv"):
+        build_lenet("instancenorm")
+    assert build_lenet("instancenorm", placement="conv") is not None
+
+
+def test_a_norm_outside_normbase_declares_the_reestimation_capability():
+    class CountingMean(nn.Module):
+        reestimable = True  # the declaration; the contract: reset_running_stats, momentum=None
+
+        def __init__(self):
+            super().__init__()
+            self.momentum = 0.1
+            self.register_buffer("running_mean", torch.full((1,), 50.0))
+            self.register_buffer("count", torch.zeros(()))
+
+        def reset_running_stats(self):
+            self.running_mean.zero_()
+            self.count.zero_()
+
+        def forward(self, x):
+            if self.training:
+                self.count += 1
+                weight = 1 / self.count if self.momentum is None else self.momentum
+                self.running_mean.lerp_(x.mean().reshape(1), float(weight))
+            return x
+
+    norm = CountingMean()
+    images = torch.arange(48.0).reshape(48, 1, 1, 1)
+    split = Split(images, torch.zeros(48, dtype=torch.long))
+    assert reestimate_running_stats(nn.Sequential(norm), split, 16, 3, torch.Generator()) == 1
+    torch.testing.assert_close(norm.running_mean, images.mean().reshape(1))
+    assert norm.momentum == 0.1

@@ -512,3 +512,63 @@ def test_groupnorm_with_groups_that_do_not_divide_is_one_cli_line(capsys, tmp_pa
     assert status != 0
     assert err.count("\n") == 0 and "groups" in err and "must divide" in err
     assert list(tmp_path.iterdir()) == []  # no run directory for a run that cannot start
+
+
+def test_a_plugin_package_that_exits_in_its_init_is_isolated_without_a_second_import(
+    tmp_path, monkeypatch
+):
+    """The entry point names a module inside a package whose ``__init__`` exits: the import
+    fails once, is recorded, and nothing re-imports it (which would exit outside the guard)."""
+    package = tmp_path / "exiting_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("raise SystemExit(3)\n")
+    (package / "plugin.py").write_text("")
+    info = tmp_path / "exiting_pkg-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: exiting_pkg\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[normzoo]\nexiting = exiting_pkg.plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        registry, caught = loaded_registry()
+        assert "SystemExit: 3" in record_of(registry, "exiting").error
+        (warning,) = [w for w in caught if "'exiting'" in str(w.message)]
+        assert warning.filename == str(package / "__init__.py")
+        assert "batchnorm" in {norm.name for norm in registry.available()}
+    finally:
+        sys.modules.pop("exiting_pkg", None)
+
+
+def test_normzoo_disable_takes_the_names_normzoo_plugins_lists(third_party, monkeypatch):
+    third_party("normzoo_first", GOOD_PLUGIN, "same-name")
+    other = GOOD_PLUGIN.replace('name="third-party-scale"', 'name="other-scale"')
+    third_party("normzoo_second", other, "same-name")
+    monkeypatch.setenv("NORMZOO_DISABLE", "same-name (normzoo_second)")
+    registry, caught = loaded_registry()
+    assert record_of(registry, "same-name (normzoo_second)").disabled
+    assert not [record for record in registry.plugins() if record.failed]
+    assert not [w for w in caught if issubclass(w.category, normzoo.PluginWarning)]
+
+
+def test_a_disabled_bundled_plugin_leaves_its_entry_point_name_free(third_party, monkeypatch):
+    renamed = GOOD_PLUGIN.replace('name="third-party-scale"', 'name="replacement-norm"')
+    third_party("normzoo_replacement", renamed, "pit")
+    monkeypatch.setenv("NORMZOO_DISABLE", "pit")
+    registry, _ = loaded_registry()
+    assert "pit" not in {norm.name for norm in registry.available()}
+    assert all(record.disabled for record in registry.plugins() if record.name == "pit")
+
+
+def test_reserved_names_passed_as_options_are_one_line():
+    with pytest.raises(normzoo.OptionError, match="'layout' is not an option but an argument"):
+        normzoo.info("batchnorm").resolve_options({"layout": "seq"})
+    from normzoo.harness.model import build_lenet
+
+    with pytest.raises(normzoo.OptionError, match="'num_features' is not an option"):
+        build_lenet("batchnorm", {"num_features": "3"})
+
+
+def test_the_cli_warning_about_a_skipped_plugin_names_its_file(fake_site, capsys):
+    from normzoo import cli
+
+    cli._show_warning("normzoo plugin 'x' skipped", normzoo.PluginWarning, "/p/x.py", 7)
+    assert capsys.readouterr().err.strip().endswith("(/p/x.py:7)")

@@ -89,6 +89,15 @@ def build_lenet(
         raise NormzooError(f"dropout must be in [0, 1), got {dropout!r}")
     options = dict(norm_options or {})
     info = normzoo.info(norm)  # fail early on an unknown name, even with placement "none"
+    info.resolve_options(options)  # a bad option is one line before anything is built
+    for layout in ("conv", "fc"):
+        if placement in ("all", layout) and layout not in info.layouts:
+            other = "conv" if layout == "fc" else "fc"
+            way_out = f"use --placement {other}" if other in info.layouts else "choose another norm"
+            raise NormzooError(
+                f"norm {norm!r} does not support layout {layout!r} (LeNet's {layout} layers; "
+                f"it supports {', '.join(info.layouts)}); {way_out}"
+            )
     if freeze_affine:
         options.update(frozen_affine_options(info, options))
 
