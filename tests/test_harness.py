@@ -249,7 +249,8 @@ def test_freeze_affine_refuses_a_norm_it_cannot_freeze_and_a_contradiction(tmp_p
 
 
 def test_a_norm_without_lenets_fc_layout_says_which_placement_works():
-    with pytest.raises(normzoo.NormzooError, match="does not support layout 'fc'.*--placement conv"):
+    message = "does not support layout 'fc'.*--placement conv"
+    with pytest.raises(normzoo.NormzooError, match=message):
         build_lenet("instancenorm")
     assert build_lenet("instancenorm", placement="conv") is not None
 
