@@ -20,6 +20,7 @@ EPILOG = """examples:
   normzoo list                                  registered norms
   normzoo info batchnorm                        options, defaults and reference of a norm
   normzoo plugins                               loaded plugins and their load errors
+  normzoo bench --norms pit,batchnorm           cost as a ratio to torch's batch norm
 """
 
 
@@ -152,8 +153,60 @@ def build_parser() -> argparse.ArgumentParser:
         help="also print the full traceback of each plugin that failed to load",
     )  # fmt: skip
     plugins.set_defaults(handler=_plugins)
+
+    bench = commands.add_parser(
+        "bench",
+        help="time norms against torch's batch norm, interleaved in one run",
+        description="Time each norm in LeNet (a training step, an eval forward) against "
+        "torch's batch norm in the same slots, in alternating rounds, and print the median "
+        "ratio: speeds measured in separate runs on a shared machine are not comparable.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    bench.add_argument(
+        "--norms", type=_names, default=(), metavar="A,B",
+        help="norms to measure (default: every registered norm)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--cases", type=_names, default=("lenet-train", "lenet-eval"), metavar="A,B",
+        help="lenet-train (forward, loss, backward, SGD step) and/or lenet-eval",
+    )  # fmt: skip
+    bench.add_argument("--batch-size", type=_positive_int, default=256)
+    bench.add_argument("--threads", type=_positive_int, default=2, help="torch threads, fixed")
+    bench.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    bench.add_argument("--rounds", type=_positive_int, default=7, help="alternating rounds")
+    bench.add_argument("--quick", action="store_true", help="3 short rounds: a smoke test")
+    bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    bench.set_defaults(handler=_bench)
     parser.set_defaults(command_parsers=commands.choices)
     return parser
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from normzoo.bench import BenchConfig, format_table, run_bench, write_json
+
+    config = BenchConfig(
+        norms=args.norms, cases=args.cases, batch_size=args.batch_size, threads=args.threads,
+        device=args.device, rounds=args.rounds, quick=args.quick,
+    )  # fmt: skip
+
+    def report(m) -> None:  # noqa: ANN001
+        flag = "  (noisy: rerun on a quieter machine)" if m.noisy else ""
+        print(f"{m.norm:>16} {m.case:<12} {m.ratio:5.2f}x  ({m.seconds * 1e3:.2f} ms){flag}")
+
+    results = run_bench(config, on_result=report)
+    print()
+    print(format_table(results, config))
+    if args.json:
+        write_json(args.json, results, config)
+        print(f"results: {args.json}")
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -100,8 +100,12 @@ def channel_affine(
     if weight is None and bias is None:
         return y
     layout = get_layout(layout)
+
+    def per_channel(vector: torch.Tensor) -> torch.Tensor:
+        return vector.to(y.dtype).reshape(layout.channel_shape(vector.shape[0]))
+
+    if weight is not None and bias is not None:
+        return torch.addcmul(per_channel(bias), y, per_channel(weight))  # one pass
     if weight is not None:
-        y = y * weight.to(y.dtype).reshape(layout.channel_shape(weight.shape[0]))
-    if bias is not None:
-        y = y + bias.to(y.dtype).reshape(layout.channel_shape(bias.shape[0]))
-    return y
+        return y * per_channel(weight)
+    return y + per_channel(bias)

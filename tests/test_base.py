@@ -18,6 +18,8 @@ from normzoo.interface import check_batch_size, check_input
 
 FIXTURE = Path(__file__).parent / "fixtures" / "state_dicts_0.1.0.pt"
 STATEFUL = ["batchnorm", "zca", "iternorm", "pit"]
+#: Norms whose running statistics include a running mean of the batch means.
+MEAN_TRACKING = ["batchnorm", "zca", "iternorm"]
 
 
 @pytest.mark.parametrize("key", sorted(torch.load(FIXTURE, weights_only=True)))
@@ -27,8 +29,12 @@ def test_a_state_dict_saved_by_normzoo_0_1_0_still_loads(key):
     module = normzoo.build(saved["name"], saved["num_features"], saved["layout"])
     module.load_state_dict(saved["state_dict"])  # strict: every key accounted for
     module.eval()
+    # pit's math changed (version 2): its converted table is the same distribution function,
+    # interpolated in the probit scale and resampled to 64 knots (docs/norms/pit.md)
+    tolerance = 1e-6 if normzoo.info(saved["name"]).version == "1" else 0.08
     with torch.no_grad():
-        torch.testing.assert_close(module(saved["input"]), saved["eval_output"], rtol=0, atol=1e-6)
+        output = module(saved["input"])
+    torch.testing.assert_close(output, saved["eval_output"], rtol=0, atol=tolerance)
     if isinstance(module, NormBase) and "num_batches_tracked" not in saved["state_dict"]:
         assert int(module.num_batches_tracked) == 0  # version 1 of the whitening norms
 
@@ -37,12 +43,12 @@ def test_a_state_dict_saved_by_normzoo_0_1_0_still_loads(key):
 def test_bundled_stateful_norms_derive_from_normbase(norm):
     module = normzoo.build(norm, 4, layout="fc")
     assert isinstance(module, NormBase)
-    assert module.state_dict()._metadata[""]["version"] == NormBase._version
+    assert module.state_dict()._metadata[""]["version"] == type(module)._version >= 2
     assert isinstance(module.weight, nn.Parameter) and isinstance(module.bias, nn.Parameter)
     assert "num_batches_tracked" in module.state_dict()
 
 
-@pytest.mark.parametrize("norm", STATEFUL)
+@pytest.mark.parametrize("norm", MEAN_TRACKING)
 def test_momentum_none_keeps_a_cumulative_average_of_the_batch_statistics(norm):
     module = normzoo.build(norm, 3, layout="fc", momentum=None).double()
     batches = [torch.randn(64, 3, dtype=torch.float64) * (k + 1) + k for k in range(5)]
@@ -176,7 +182,7 @@ def test_reestimable_norms_are_declared_not_guessed():
     assert isinstance(model[2], AffineNorm) and not isinstance(model[2], NormBase)
 
 
-@pytest.mark.parametrize("norm", STATEFUL + ["torch-batchnorm"])
+@pytest.mark.parametrize("norm", MEAN_TRACKING + ["torch-batchnorm"])
 def test_cumulative_running_stats_replaces_them_by_the_plain_mean(norm):
     module = normzoo.build(norm, 3, layout="fc", momentum=0.3).double()
     module(torch.randn(32, 3, dtype=torch.float64) * 10)  # stale statistics to forget

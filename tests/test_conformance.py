@@ -13,7 +13,7 @@ CONFIGURED = [
     ("groupnorm", {"groups": 4}, 8),
     ("zca", {"group_size": 3}, 7),  # a smaller last group
     ("batchnorm", {"momentum": None, "affine": False}, None),
-    ("pit", {"smoothing": "fixed"}, None),
+    ("pit", {"num_knots": 8, "sample_size": 64}, 5),  # knots from a strided sample
 ]
 
 
