@@ -40,6 +40,18 @@ def channel_shape(num_features: int, layout: str | Layout) -> tuple[int, ...]:
     return get_layout(layout).channel_shape(num_features)
 
 
+def channel_sum(x: torch.Tensor, layout: str | Layout) -> torch.Tensor:
+    """Per-channel sum of ``x`` over every other dimension, as a ``(C,)`` vector.
+
+    Summed in two stages, the contiguous inner dimensions first: several times faster on a CPU
+    than one reduction over ``(0, 2, 3)`` (or ``torch.var_mean``), which strides through memory.
+    """
+    layout = get_layout(layout)
+    if layout.channels_last or x.dim() == 2:
+        return x.reshape(-1, x.shape[-1]).sum(dim=0)
+    return x.reshape(x.shape[0], x.shape[1], -1).sum(dim=2).sum(dim=0)
+
+
 def batch_moments(x: torch.Tensor, layout: str | Layout) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance of ``x``, kept broadcastable against ``x``.
 
@@ -48,9 +60,11 @@ def batch_moments(x: torch.Tensor, layout: str | Layout) -> tuple[torch.Tensor, 
     :func:`compute_dtype`.
     """
     x = upcast(x)
-    dims = reduce_dims(layout)
-    mean = x.mean(dim=dims, keepdim=True)
-    var = (x - mean).square().mean(dim=dims, keepdim=True)
+    layout = get_layout(layout)
+    shape = layout.channel_shape(x.shape[layout.channel_axis])
+    count = layout.values_per_channel(x)
+    mean = (channel_sum(x, layout) / count).reshape(shape)
+    var = (channel_sum((x - mean).square_(), layout) / count).reshape(shape)
     return mean, var
 
 

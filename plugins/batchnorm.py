@@ -12,6 +12,10 @@ variance takes the unbiased batch variance ``var * m / (m - 1)``. (The book's co
 ``momentum * running + (1 - momentum) * batch`` with 0.9: the same average, other naming.)
 ``momentum=None`` keeps a cumulative average instead, the plain mean of the batch statistics.
 
+The arithmetic is the textbook's, arranged to read each tensor as few times as possible
+(:class:`BatchNormFunction`): one pass for both moments, one multiply-add for the output, and
+a backward derived by hand instead of recorded op by op, which keeps only the input for it.
+
 float16 and bfloat16 inputs are normalized in float32 and the output cast back, as torch does.
 """
 
@@ -19,16 +23,81 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import torch
+from torch.autograd.function import FunctionCtx, once_differentiable
 
 from normzoo.base import NormBase
 from normzoo.hookspecs import hookimpl
 from normzoo.interface import AFFINE, EPS, MOMENTUM, NormInfo, check_batch_size, check_input
-from normzoo.layouts import LAYOUT_NAMES
-from normzoo.stats import batch_moments, unbiased, upcast
+from normzoo.layouts import LAYOUT_NAMES, Layout
+from normzoo.stats import batch_moments, channel_sum, unbiased, upcast
 
 NAME = "batchnorm"
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """Batch norm's train-mode forward and its hand-derived backward.
+
+    Forward, per channel over the ``m`` values of the reduced dimensions::
+
+        mean, var = E[x], E[(x - mean)^2]                     two passes (stats.batch_moments)
+        s = gamma / sqrt(var + eps),  t = beta - mean * s      per channel
+        y = s * x + t                                          one multiply-add
+
+    Backward. With ``x_hat = (x - mean) * r``, ``r = 1 / sqrt(var + eps)``, and ``g = dL/dy``,
+    the chain rule through ``mean`` and ``var`` (both depend on every ``x_j``) gives::
+
+        dL/dbeta  = sum g
+        dL/dgamma = sum g * x_hat = r * (sum g * x - mean * sum g)
+        dL/dx     = gamma * r / m * (m g - sum g - x_hat * sum g * x_hat)
+
+    since ``d mean / dx_j = 1/m`` and ``d var / dx_j = 2 (x_j - mean) / m``, so that
+    ``d x_hat_i / dx_j = r (delta_ij - 1/m - x_hat_i x_hat_j / m)``. Expanded per channel,
+    ``dL/dx = a g + b x + c`` with ``a = gamma r``, ``b = -gamma r^2 (sum g x_hat) / m`` and
+    ``c = -gamma r (sum g) / m - b mean``: two reductions and two multiply-adds. Only the input
+    is kept for the backward (``x_hat`` is recomputed from it), as torch keeps it too.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        layout: Layout,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        values = upcast(x)
+        mean, var = batch_moments(values, layout)
+        invstd = torch.rsqrt(var + eps)
+        shape = mean.shape
+        scale = invstd if weight is None else invstd * weight.to(values.dtype).reshape(shape)
+        shift = -mean * scale
+        if bias is not None:
+            shift = shift + bias.to(values.dtype).reshape(shape)
+        y = torch.addcmul(shift, values, scale).to(x.dtype)
+        ctx.save_for_backward(x, mean, invstd, scale)
+        ctx.layout, ctx.has_weight, ctx.has_bias = layout, weight is not None, bias is not None
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor, *unused: Any) -> tuple[torch.Tensor | None, ...]:
+        x, mean, invstd, scale = ctx.saved_tensors
+        values, g = upcast(x), upcast(grad)
+        count = values.numel() // mean.numel()
+        sum_g = channel_sum(g, ctx.layout).reshape(mean.shape)
+        sum_gx = channel_sum(g * values, ctx.layout).reshape(mean.shape)
+        sum_g_xhat = invstd * (sum_gx - mean * sum_g)
+        b = -scale * invstd * sum_g_xhat / count
+        c = -scale * sum_g / count - b * mean
+        grad_x = torch.addcmul(torch.addcmul(c, g, scale), values, b).to(x.dtype)
+        grad_weight = sum_g_xhat.reshape(-1) if ctx.has_weight else None
+        grad_bias = sum_g.reshape(-1) if ctx.has_bias else None
+        return grad_x, grad_weight, grad_bias, None, None
 
 
 class BatchNorm(NormBase):
@@ -38,7 +107,9 @@ class BatchNorm(NormBase):
     ``momentum`` (``None``: cumulative average) and ``affine``.
 
     In ``train()`` mode the output uses the batch statistics and updates the running ones; in
-    ``eval()`` mode it uses the running statistics and changes nothing.
+    ``eval()`` mode it uses the running statistics, ``y = s x + t`` with the per-channel
+    ``s = gamma / sqrt(running_var + eps)`` and ``t = beta - running_mean s``, and changes
+    nothing.
     """
 
     def __init__(
@@ -56,20 +127,23 @@ class BatchNorm(NormBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.num_features, self.layout, NAME)
         layout = self.layout_spec
+        shape = layout.channel_shape(self.num_features)
         if self.training:
             check_batch_size(x, NAME, self.layout)
-            mean, var = batch_moments(x, layout)
+            y, mean, var = BatchNormFunction.apply(x, self.weight, self.bias, layout, self.eps)
             count = layout.values_per_channel(x)
             self.update_running_stats(
                 running_mean=mean.reshape(-1), running_var=unbiased(var, count).reshape(-1)
             )
-        else:
-            shape = layout.channel_shape(self.num_features)
-            dtype = upcast(x).dtype
-            mean = self.running_mean.to(dtype).reshape(shape)
-            var = self.running_var.to(dtype).reshape(shape)
-        x_hat = (upcast(x) - mean) / torch.sqrt(var + self.eps)
-        return self.affine_transform(x_hat).to(x.dtype)
+            return y
+        values = upcast(x)
+        scale = torch.rsqrt(self.running_var.to(values.dtype) + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight.to(values.dtype)
+        shift = -self.running_mean.to(values.dtype) * scale
+        if self.bias is not None:
+            shift = shift + self.bias.to(values.dtype)
+        return torch.addcmul(shift.reshape(shape), values, scale.reshape(shape)).to(x.dtype)
 
 
 @hookimpl
