@@ -10,19 +10,28 @@ thread count is fixed and reported. Cases:
     one LeNet training step at the chapter's settings (forward, cross-entropy, backward, SGD
     step) on a batch of Fashion-MNIST, the norm in all four slots;
 ``lenet-eval``
-    the eval-mode forward of the same model on the same batch.
+    the eval-mode forward of the same model on the same batch;
+``conv1-train`` ... ``fc2-train``, ``conv1-eval`` ... ``fc2-eval``
+    one norm layer alone at each of LeNet's four norm shapes, forward and backward in train
+    mode, or the eval forward.
+
+Train cases also count the bytes autograd saves for the backward of one call (through
+``torch.autograd.graph.saved_tensors_hooks``, on any device) and, on CUDA, the peak memory.
+:func:`end_to_end` times the harness's whole training loop against the textbook pipeline
+(``torchvision.datasets.FashionMNIST`` + ``ToTensor`` + ``DataLoader``, same model).
 """
 
 from __future__ import annotations
 
+import logging
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.benchmark import Timer
 
 import normzoo
 from normzoo.errors import NormzooError, suggest
@@ -31,8 +40,23 @@ from normzoo.harness.model import build_lenet
 from normzoo.harness.runs import atomic_write_json
 from normzoo.harness.train import resolve_device
 
+# torch.utils.benchmark imports cpp_extension, which warns about CUDA_HOME on CPU machines
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+from torch.utils.benchmark import Timer  # noqa: E402
+
 BASELINE = "torch-batchnorm"
-CASES = ("lenet-train", "lenet-eval")
+#: LeNet's four norm slots: channels, layout and the spatial size of their input.
+LAYERS: dict[str, tuple[int, str, tuple[int, ...]]] = {
+    "conv1": (6, "conv", (24, 24)),
+    "conv2": (16, "conv", (8, 8)),
+    "fc1": (120, "fc", ()),
+    "fc2": (84, "fc", ()),
+}
+CASES = (
+    "lenet-train",
+    "lenet-eval",
+    *(f"{layer}-{mode}" for layer in LAYERS for mode in ("train", "eval")),
+)
 #: A spread (interquartile range of the per-round ratios over their median) above this is
 #: flagged: the machine was too busy for the ratio to be trusted to two digits.
 NOISY_SPREAD = 0.10
@@ -50,6 +74,9 @@ class Measurement:
     ratio: float
     spread: float
     rounds: int
+    saved_bytes: int | None = None
+    baseline_saved_bytes: int | None = None
+    peak_bytes: int | None = None
 
     @property
     def noisy(self) -> bool:
@@ -86,8 +113,11 @@ class BenchConfig:
 def _case(case: str, norm: str, images: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
     """A zero-argument callable that runs ``case`` once for ``norm``."""
     torch.manual_seed(0)
+    layer, _, mode = case.partition("-")
+    if layer in LAYERS:
+        return _layer_case(layer, mode, norm, images.shape[0], images.device)
     model = build_lenet(norm).to(images.device)
-    if case == "lenet-eval":
+    if mode == "eval":
         model.eval()
 
         def forward() -> None:
@@ -104,6 +134,48 @@ def _case(case: str, norm: str, images: torch.Tensor, labels: torch.Tensor) -> C
         optimizer.step()
 
     return step
+
+
+def _layer_case(
+    layer: str, mode: str, norm: str, batch: int, device: torch.device
+) -> Callable[[], None]:
+    channels, layout, spatial = LAYERS[layer]
+    module = normzoo.build(norm, channels, layout).to(device)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn((batch, channels, *spatial), generator=generator).mul_(2).add_(1).to(device)
+    if mode == "eval":
+        with torch.no_grad():
+            module(x)  # running statistics of this data
+        module.eval()
+
+        def forward() -> None:
+            with torch.no_grad():
+                module(x)
+
+        return forward
+    x.requires_grad_(True)
+    upstream = torch.randn(x.shape, generator=generator).to(device)
+
+    def forward_backward() -> None:
+        x.grad = None
+        module(x).backward(upstream)
+
+    return forward_backward
+
+
+def saved_bytes(function: Callable[[], None]) -> int:
+    """Bytes of the tensors autograd saves for the backward during one call of ``function``
+    (each storage counted once)."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        function()
+    return sum(storages.values())
 
 
 def _seconds(function: Callable[[], None], threads: int, min_run_time: float, device) -> float:
@@ -135,7 +207,17 @@ def measure(
         ratios.append(times[-1] / baseline_times[-1])
     ratio = statistics.median(ratios)
     quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratio, ratio, ratio]
+    memory: dict[str, int | None] = {}
+    if case.endswith("-train"):
+        memory["saved_bytes"] = saved_bytes(candidate)
+        memory["baseline_saved_bytes"] = saved_bytes(baseline)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            candidate()
+            torch.cuda.synchronize(device)
+            memory["peak_bytes"] = torch.cuda.max_memory_allocated(device)
     return Measurement(
+        **memory,
         norm=norm,
         case=case,
         seconds=statistics.median(times),
@@ -179,19 +261,29 @@ def format_table(results: Sequence[Measurement], config: BenchConfig) -> str:
         f"batch {config.batch_size}, {config.threads} thread(s), device {config.device}, "
         f"baseline {BASELINE} in the same rounds",
         "",
-        "| norm | case | ms | baseline ms | ratio | spread |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| norm | case | ms | baseline ms | ratio | spread | saved for backward (ratio) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for m in results:
         flag = " (noisy)" if m.noisy else ""
+        memory = "-"
+        if m.saved_bytes is not None and m.baseline_saved_bytes:
+            memory = (
+                f"{m.saved_bytes / 2**20:.2f} MiB ({m.saved_bytes / m.baseline_saved_bytes:.2f})"
+            )
         lines.append(
             f"| {m.norm} | {m.case} | {m.seconds * 1e3:.2f} | {m.baseline_seconds * 1e3:.2f} | "
-            f"{m.ratio:.2f} | {m.spread:.0%}{flag} |"
+            f"{m.ratio:.2f} | {m.spread:.0%}{flag} | {memory} |"
         )
     return "\n".join(lines)
 
 
-def write_json(path: Path | str, results: Sequence[Measurement], config: BenchConfig) -> None:
+def write_json(
+    path: Path | str,
+    results: Sequence[Measurement],
+    config: BenchConfig,
+    pipeline: EndToEnd | None = None,
+) -> None:
     """The results and the settings as JSON, written atomically."""
     atomic_write_json(
         Path(path).expanduser(),
@@ -199,5 +291,101 @@ def write_json(path: Path | str, results: Sequence[Measurement], config: BenchCo
             "config": asdict(config),
             "torch": torch.__version__,
             "results": [asdict(m) | {"noisy": m.noisy} for m in results],
+            "end_to_end": None
+            if pipeline is None
+            else asdict(pipeline) | {"ratio": pipeline.ratio},
         },
     )
+
+
+@dataclass(frozen=True)
+class EndToEnd:
+    """Training examples per second, evaluation included, of the harness and of the textbook
+    pipeline, each the median over alternating rounds, and their ratio."""
+
+    norm: str
+    examples: int
+    harness_examples_per_sec: float
+    textbook_examples_per_sec: float
+
+    @property
+    def ratio(self) -> float:
+        return self.harness_examples_per_sec / self.textbook_examples_per_sec
+
+
+def end_to_end(
+    config: BenchConfig, norm: str = "batchnorm", examples: int | None = None, rounds: int = 2
+) -> EndToEnd:
+    """One epoch of training plus a test, through the harness (data on the device, batches by
+    indexing) and through the textbook pipeline (``torchvision.datasets.FashionMNIST`` with
+    ``ToTensor``, a ``DataLoader`` with ``shuffle=True`` and no worker processes: the machine's
+    cores go to torch's threads), same LeNet and norm, same batch size, in alternating rounds.
+    ``examples`` limits both to the first training and test examples (``--quick``: 2,048)."""
+    import tempfile
+
+    from normzoo.harness.train import train
+
+    examples = examples or (2048 if config.quick else None)
+    device = resolve_device(config.device)
+    data = load_fashion_mnist().subset(examples, examples)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    harness, textbook = [], []
+    try:
+        with tempfile.TemporaryDirectory() as root:
+            dataset = _torchvision_copy(Path(root), examples)
+            for _ in range(rounds):
+                model = build_lenet(norm).to(device)
+                started = time.perf_counter()
+                train(model, data.to(device), 1, 0.1, config.batch_size, 0, norm, progress=False)
+                harness.append(len(data.train) / (time.perf_counter() - started))
+                model = build_lenet(norm).to(device)
+                started = time.perf_counter()
+                _textbook_epoch(model, dataset, config.batch_size, device)
+                textbook.append(len(dataset[0]) / (time.perf_counter() - started))
+    finally:
+        torch.set_num_threads(previous_threads)
+    return EndToEnd(norm, len(data.train), statistics.median(harness), statistics.median(textbook))
+
+
+def _torchvision_copy(root: Path, examples: int | None) -> tuple:
+    """torchvision's FashionMNIST (train, test) read from an uncompressed copy of the bundled
+    IDX files, as ``download=True`` would have left them."""
+    import gzip
+
+    from torch.utils.data import Subset
+    from torchvision import datasets, transforms
+
+    from normzoo.harness.data import FILES, bundled_dir
+
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for stems in FILES.values():
+        for stem in stems:
+            (raw / stem).write_bytes(gzip.decompress((bundled_dir() / f"{stem}.gz").read_bytes()))
+    splits = [
+        datasets.FashionMNIST(str(root), train=split, transform=transforms.ToTensor())
+        for split in (True, False)
+    ]
+    if examples is not None:
+        splits = [Subset(split, range(min(examples, len(split)))) for split in splits]
+    return tuple(splits)
+
+
+def _textbook_epoch(model: nn.Module, dataset: tuple, batch_size: int, device) -> None:
+    """The chapter's loop: a DataLoader per split, minibatch SGD, then test accuracy."""
+    from torch.utils.data import DataLoader
+
+    train_set, test_set = dataset
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    for images, labels in DataLoader(train_set, batch_size, shuffle=True, drop_last=True):
+        images, labels = images.to(device), labels.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(images), labels).backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        for images, labels in DataLoader(test_set, batch_size):
+            model(images.to(device)).argmax(dim=1).eq(labels.to(device)).sum()

@@ -167,8 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="norms to measure (default: every registered norm)",
     )  # fmt: skip
     bench.add_argument(
-        "--cases", type=_names, default=("lenet-train", "lenet-eval"), metavar="A,B",
-        help="lenet-train (forward, loss, backward, SGD step) and/or lenet-eval",
+        "--cases", type=_names, default=None, metavar="A,B",
+        help="default all: lenet-train (forward, loss, backward, SGD step), lenet-eval, and "
+        "conv1/conv2/fc1/fc2-train/eval (one norm layer at each LeNet shape)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--end-to-end", action="store_true",
+        help="also time an epoch of the harness against the textbook DataLoader pipeline",
     )  # fmt: skip
     bench.add_argument("--batch-size", type=_positive_int, default=256)
     bench.add_argument("--threads", type=_positive_int, default=2, help="torch threads, fixed")
@@ -189,11 +194,11 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from normzoo.bench import BenchConfig, format_table, run_bench, write_json
+    from normzoo.bench import CASES, BenchConfig, end_to_end, format_table, run_bench, write_json
 
     config = BenchConfig(
-        norms=args.norms, cases=args.cases, batch_size=args.batch_size, threads=args.threads,
-        device=args.device, rounds=args.rounds, quick=args.quick,
+        norms=args.norms, cases=args.cases or CASES, batch_size=args.batch_size,
+        threads=args.threads, device=args.device, rounds=args.rounds, quick=args.quick,
     )  # fmt: skip
 
     def report(m) -> None:  # noqa: ANN001
@@ -203,8 +208,16 @@ def _bench(args: argparse.Namespace) -> int:
     results = run_bench(config, on_result=report)
     print()
     print(format_table(results, config))
+    pipeline = None
+    if args.end_to_end:
+        pipeline = end_to_end(config)
+        print(
+            f"\nend to end, {pipeline.norm}, one epoch of {pipeline.examples:,} examples + test: "
+            f"harness {pipeline.harness_examples_per_sec:,.0f} examples/s, textbook DataLoader "
+            f"pipeline {pipeline.textbook_examples_per_sec:,.0f}: {pipeline.ratio:.2f}x"
+        )
     if args.json:
-        write_json(args.json, results, config)
+        write_json(args.json, results, config, pipeline)
         print(f"results: {args.json}")
     return 0
 
