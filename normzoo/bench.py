@@ -165,17 +165,16 @@ def _layer_case(
 
 def saved_bytes(function: Callable[[], None]) -> int:
     """Bytes of the tensors autograd saves for the backward during one call of ``function``
-    (each storage counted once)."""
-    storages: dict[int, int] = {}
+    (a tensor saved twice counted once; a view counts its own elements, not its storage's)."""
+    saved: dict[tuple[int, int], int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        saved[tensor.data_ptr(), tensor.numel()] = tensor.numel() * tensor.element_size()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         function()
-    return sum(storages.values())
+    return sum(saved.values())
 
 
 def _seconds(function: Callable[[], None], threads: int, min_run_time: float, device) -> float:
@@ -236,8 +235,8 @@ def run_bench(
     device = resolve_device(config.device)
     norms = config.norms or tuple(norm.name for norm in normzoo.available())
     data = load_fashion_mnist().train
-    images = data.images[: config.batch_size].to(device)
-    labels = data.labels[: config.batch_size].to(device)
+    images = data.images[: config.batch_size].clone().to(device)
+    labels = data.labels[: config.batch_size].clone().to(device)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     results = []
