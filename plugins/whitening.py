@@ -186,14 +186,17 @@ class GroupWhitening(NormBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.num_features, self.layout, self.NAME)
         layout = self.layout_spec
+        if self.num_groups == 1 and not layout.channels_last and x.dim() > 2:
+            return self._forward_one_group(x)
         matrix = layout.to_channel_matrix(upcast(x))
         if self.training:
             check_batch_size(x, self.NAME, self.layout)
             mean = matrix.mean(dim=1, keepdim=True)
             blocks = self._to_blocks(matrix - mean)
-            blocks64 = blocks.double()
             count = blocks.shape[-1]
-            cov = blocks64 @ blocks64.mT / count
+            # the (g, m) x (m, g) product in the input's precision, the g x g rest in float64:
+            # a float64 product over m = N H W values cost more than the rest of LeNet's step
+            cov = (blocks @ blocks.mT / count).double()
             whitening = self.whitening_matrices(cov)
             self._update_running_stats(mean.reshape(-1), cov, count)
         else:
@@ -202,6 +205,26 @@ class GroupWhitening(NormBase):
             whitening = self._eval_whitening()
         whitened = self._from_blocks(whitening.to(blocks.dtype) @ blocks)
         return self.affine_transform(layout.from_channel_matrix(whitened, x)).to(x.dtype)
+
+    def _forward_one_group(self, x: torch.Tensor) -> torch.Tensor:
+        """The same arithmetic for all channels in one group (LeNet's conv layers), on the
+        ``(N, C, positions)`` view: no transposed ``(C, N * positions)`` copy of the input and
+        of the output, whose copies cost as much as the whitening itself."""
+        values = upcast(x)
+        grouped = values.reshape(x.shape[0], x.shape[1], -1)
+        if self.training:
+            check_batch_size(x, self.NAME, self.layout)
+            count = grouped.shape[0] * grouped.shape[2]
+            mean = grouped.sum(dim=2).sum(dim=0) / count
+            centred = grouped - mean.unsqueeze(1)
+            cov = ((centred @ centred.mT).sum(dim=0) / count).double().unsqueeze(0)
+            whitening = self.whitening_matrices(cov)
+            self._update_running_stats(mean, cov, count)
+        else:
+            centred = grouped - self.running_mean.to(values.dtype).unsqueeze(1)
+            whitening = self._eval_whitening()
+        whitened = (whitening[0].to(values.dtype) @ centred).reshape(x.shape)
+        return self.affine_transform(whitened).to(x.dtype)
 
     def whitening_matrices(self, cov: torch.Tensor) -> torch.Tensor:
         """``W = f(cov + eps I)`` per group, ``(groups, g, g)``, identity-padded last block.
