@@ -6,7 +6,7 @@ mode the input is viewed as a ``(C, m)`` matrix (``m = N`` for ``fc``, ``N * H *
 be smaller) and, for each group::
 
     Xc    = X - mean(X)                        (centred, g x m)
-    Sigma = Xc Xc^T / m + eps I                (biased, in float64)
+    Sigma = Xc Xc^T / m + eps I                (biased; g x g rest in float64)
     W     = f(Sigma)  ~  Sigma^-1/2
     y     = gamma * (W Xc) + beta              (gamma, beta per channel)
 
