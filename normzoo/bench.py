@@ -7,8 +7,8 @@ slots) in alternating rounds, each round a :class:`torch.utils.benchmark.Timer`
 thread count is fixed and reported. Cases:
 
 ``lenet-train``
-    one LeNet training step at the chapter's settings (forward, cross-entropy, backward, SGD
-    step) on a batch of Fashion-MNIST, the norm in all four slots;
+    one LeNet training step (the chapter's model with sigmoid; forward, cross-entropy, backward,
+    SGD step with lr 0.01) on a batch of Fashion-MNIST, the norm in all four slots;
 ``lenet-eval``
     the eval-mode forward of the same model on the same batch;
 ``conv1-train`` ... ``fc2-train``, ``conv1-eval`` ... ``fc2-eval``

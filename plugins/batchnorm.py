@@ -13,7 +13,7 @@ variance takes the unbiased batch variance ``var * m / (m - 1)``. (The book's co
 ``momentum=None`` keeps a cumulative average instead, the plain mean of the batch statistics.
 
 The arithmetic is the textbook's, arranged to read each tensor as few times as possible
-(:class:`BatchNormFunction`): one pass for both moments, one multiply-add for the output, and
+(:class:`BatchNormFunction`): two passes for the moments, one multiply-add for the output, and
 a backward derived by hand instead of recorded op by op, which keeps only the input for it.
 
 float16 and bfloat16 inputs are normalized in float32 and the output cast back, as torch does.

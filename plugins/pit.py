@@ -19,7 +19,7 @@ ReLU). With ``z(p) = Phi^-1(clip(p, d, 1 - d))``::
 
 clipped to ``+-Phi^-1(1 - d)``. Interpolating linearly in the probit scale rather than in ``F``
 is exact for Gaussian channels; linear interpolation of ``F`` cuts every convex tail segment
-short and shrinks the output (eval std 0.92 at small batches in the measurements).
+short.
 
 Per value, the transform is one table lookup: the knot transform is tabulated on ``16 K`` equal
 cells between the outer knots (:class:`Lookup`; exact at every cell edge, linear in between),
@@ -418,8 +418,8 @@ class PIT(NormBase):
     State-dict version 3 (PIT v2) replaced ``running_mean``, ``running_var`` and the
     standardized ``running_knots`` by ``running_knots`` in the input's units and the running
     distribution function ``running_below`` / ``running_at_or_below``; older state dicts are
-    converted (``x_k = mean + sqrt(var + eps) * z_k``, both limits ``p_k``), which gives the same
-    eval transform as before.
+    converted (``x_k = mean + sqrt(var + 1e-5) * z_k``, both limits ``p_k``): v2's transform of
+    v1's table.
     """
 
     _version = 3
@@ -535,7 +535,9 @@ class PIT(NormBase):
             fill = int(self.reservoir_fill)
             take = min(sorted_sample.shape[1], GRID_VALUES - fill)
             pool = self.knot_reservoir
-            pool[:, fill : fill + take] = sorted_sample[:, :take].to(pool.dtype)
+            spread = torch.linspace(0, sorted_sample.shape[1] - 1, take, device=pool.device)
+            chosen = sorted_sample.index_select(1, spread.round().long())  # evenly spaced
+            pool[:, fill : fill + take] = chosen.to(pool.dtype)
             self.reservoir_fill += take
             self.reservoir_keep *= 1.0 - weight
             if int(self.reservoir_fill) < GRID_VALUES:

@@ -53,7 +53,7 @@ def test_layer_cases_cover_lenets_four_norm_shapes_and_count_saved_bytes():
     assert conv1.saved_bytes >= 16 * 6 * 24 * 24 * 4
 
 
-def test_saved_bytes_counts_each_storage_once():
+def test_saved_bytes_counts_each_saved_tensor_once():
     x = torch.randn(1000, requires_grad=True)
     assert saved_bytes(lambda: (x * x).sum().backward()) == 4000  # x saved twice, one storage
 
