@@ -157,14 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench",
         help="time norms against torch's batch norm, interleaved in one run",
-        description="Time each norm in LeNet (a training step, an eval forward) against "
-        "torch's batch norm in the same slots, in alternating rounds, and print the median "
-        "ratio: speeds measured in separate runs on a shared machine are not comparable.",
+        description="Time each norm against torch's batch norm in the same place (in LeNet: a "
+        "training step and an eval forward; alone: one layer at each of LeNet's four norm "
+        "shapes), in alternating rounds, and print the median ratio and the bytes saved for "
+        "backward: speeds measured in separate runs on a shared machine are not comparable.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     bench.add_argument(
-        "--norms", type=_names, default=(), metavar="A,B",
-        help="norms to measure (default: every registered norm)",
+        "--norms", type=_names, default=None, metavar="A,B",
+        help="norms to measure; default: every registered norm",
     )  # fmt: skip
     bench.add_argument(
         "--cases", type=_names, default=None, metavar="A,B",
@@ -197,7 +198,7 @@ def _bench(args: argparse.Namespace) -> int:
     from normzoo.bench import CASES, BenchConfig, end_to_end, format_table, run_bench, write_json
 
     config = BenchConfig(
-        norms=args.norms, cases=args.cases or CASES, batch_size=args.batch_size,
+        norms=args.norms or (), cases=args.cases or CASES, batch_size=args.batch_size,
         threads=args.threads, device=args.device, rounds=args.rounds, quick=args.quick,
     )  # fmt: skip
 

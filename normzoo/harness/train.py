@@ -23,6 +23,8 @@ from normzoo.harness.model import first_line, norm_modules
 from normzoo.interface import NormzooError
 
 EVAL_BATCH = 2048
+#: On an accelerator, the loss is read (a host sync) every this many batches and at the last.
+SYNC_EVERY = 32
 #: What ``--device`` accepts, in the words of its error messages.
 DEVICES = "auto, cpu, cuda or cuda:N"
 
@@ -359,12 +361,17 @@ def _epoch(
             images, labels = data.train.images[index], data.train.labels[index]
             logits = model(images)
             loss = loss_fn(logits, labels)
-            value = float(loss.detach())  # one sync per batch: needed for the NaN check and the bar
-            if not math.isfinite(value):
-                raise TrainingDiverged(
-                    f"loss became {value} in epoch {epoch} (batch {step + 1}) with norm "
-                    f"{label!r}; try a smaller --lr"
-                )
+            # reading the loss syncs with the device: every batch on a CPU (free there), every
+            # SYNC_EVERY batches and at the last on an accelerator, where a sync per batch
+            # would leave the device idle between LeNet's small kernels
+            value = None
+            if device.type == "cpu" or (step + 1) % SYNC_EVERY == 0 or step + 1 == len(batches):
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise TrainingDiverged(
+                        f"loss became {value} in epoch {epoch} (batch {step + 1}) with norm "
+                        f"{label!r}; try a smaller --lr"
+                    )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -372,7 +379,7 @@ def _epoch(
             loss_sum += loss.detach() * count
             correct += (logits.argmax(dim=1) == labels).sum()
             seen += count
-            if progress:
+            if progress and value is not None:
                 bar.set_postfix(loss=f"{value:.3f}", refresh=False)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
