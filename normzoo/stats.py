@@ -1,4 +1,4 @@
-"""Batch statistics shared by norm plugins: per-channel moments, the channel-matrix view, the
+"""Batch statistics shared by norm plugins: per-channel sums and moments, the
 running-average update and the per-channel affine.
 
 Everything here is plain autograd-friendly tensor code. ``layout`` is a layout name or a
@@ -30,16 +30,6 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x.to(compute_dtype(x))
 
 
-def reduce_dims(layout: str | Layout) -> tuple[int, ...]:
-    """Dimensions averaged over for per-channel statistics, e.g. ``(0,)`` or ``(0, 2, 3)``."""
-    return get_layout(layout).reduce_dims
-
-
-def channel_shape(num_features: int, layout: str | Layout) -> tuple[int, ...]:
-    """Shape that broadcasts a per-channel vector against an input of ``layout``."""
-    return get_layout(layout).channel_shape(num_features)
-
-
 def channel_sum(x: torch.Tensor, layout: str | Layout) -> torch.Tensor:
     """Per-channel sum of ``x`` over every other dimension, as a ``(C,)`` vector.
 
@@ -66,23 +56,6 @@ def batch_moments(x: torch.Tensor, layout: str | Layout) -> tuple[torch.Tensor, 
     mean = (channel_sum(x, layout) / count).reshape(shape)
     var = (channel_sum((x - mean).square_(), layout) / count).reshape(shape)
     return mean, var
-
-
-def values_per_channel(x: torch.Tensor, layout: str | Layout) -> int:
-    """How many values each channel has in ``x``: ``N``, ``N * H * W``, ``N * L`` ..."""
-    return get_layout(layout).values_per_channel(x)
-
-
-def to_channel_matrix(x: torch.Tensor, layout: str | Layout) -> torch.Tensor:
-    """View ``x`` of ``layout`` as a ``(C, m)`` matrix, ``m`` = values per channel."""
-    return get_layout(layout).to_channel_matrix(x)
-
-
-def from_channel_matrix(
-    matrix: torch.Tensor, like: torch.Tensor, layout: str | Layout
-) -> torch.Tensor:
-    """Inverse of :func:`to_channel_matrix`: reshape ``(C, m)`` back to the shape of ``like``."""
-    return get_layout(layout).from_channel_matrix(matrix, like)
 
 
 def unbiased(biased: torch.Tensor, count: int) -> torch.Tensor:

@@ -185,46 +185,40 @@ class GroupWhitening(NormBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.num_features, self.layout, self.NAME)
-        layout = self.layout_spec
-        if self.num_groups == 1 and not layout.channels_last and x.dim() > 2:
-            return self._forward_one_group(x)
-        matrix = layout.to_channel_matrix(upcast(x))
-        if self.training:
-            check_batch_size(x, self.NAME, self.layout)
-            mean = matrix.mean(dim=1, keepdim=True)
-            blocks = self._to_blocks(matrix - mean)
-            count = blocks.shape[-1]
-            # the (g, m) x (m, g) product in the input's precision, the g x g rest in float64:
-            # a float64 product over m = N H W values cost more than the rest of LeNet's step
-            cov = (blocks @ blocks.mT / count).double()
-            whitening = self.whitening_matrices(cov)
-            self._update_running_stats(mean.reshape(-1), cov, count)
-        else:
-            mean = self.running_mean.to(matrix.dtype).unsqueeze(1)
-            blocks = self._to_blocks(matrix - mean)
-            whitening = self._eval_whitening()
-        whitened = self._from_blocks(whitening.to(blocks.dtype) @ blocks)
-        return self.affine_transform(layout.from_channel_matrix(whitened, x)).to(x.dtype)
-
-    def _forward_one_group(self, x: torch.Tensor) -> torch.Tensor:
-        """The same arithmetic for all channels in one group (LeNet's conv layers), on the
-        ``(N, C, positions)`` view: no transposed ``(C, N * positions)`` copy of the input and
-        of the output, whose copies cost as much as the whitening itself."""
-        values = upcast(x)
-        grouped = values.reshape(x.shape[0], x.shape[1], -1)
+        grouped = self._channel_view(upcast(x))
         if self.training:
             check_batch_size(x, self.NAME, self.layout)
             count = grouped.shape[0] * grouped.shape[2]
             mean = grouped.sum(dim=2).sum(dim=0) / count
-            centred = grouped - mean.unsqueeze(1)
-            cov = ((centred @ centred.mT).sum(dim=0) / count).double().unsqueeze(0)
+            blocks = self._to_blocks(grouped - mean.unsqueeze(1))
+            # the (g, m) x (m, g) products in the input's precision, the g x g rest in float64:
+            # a float64 product over m = N H W values cost more than the rest of LeNet's step
+            cov = ((blocks @ blocks.mT).sum(dim=0) / count).double()
             whitening = self.whitening_matrices(cov)
             self._update_running_stats(mean, cov, count)
         else:
-            centred = grouped - self.running_mean.to(values.dtype).unsqueeze(1)
+            blocks = self._to_blocks(grouped - self.running_mean.to(grouped.dtype).unsqueeze(1))
             whitening = self._eval_whitening()
-        whitened = (whitening[0].to(values.dtype) @ centred).reshape(x.shape)
-        return self.affine_transform(whitened).to(x.dtype)
+        whitened = self._from_blocks(whitening.to(blocks.dtype) @ blocks)
+        return self.affine_transform(self._restore(whitened, x)).to(x.dtype)
+
+    def _channel_view(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as ``(B, C, m)`` without copying a contiguous input: ``(N, C, positions)`` for
+        the channels-first layouts with positions, the ``(1, C, values)`` channel matrix for
+        ``fc`` and ``seq`` (a transposed view). A ``(C, N * positions)`` matrix of an image
+        batch would be a transposed copy of input and output, which cost as much as the
+        whitening itself."""
+        layout = self.layout_spec
+        if layout.channels_last or x.dim() == 2:
+            return layout.to_channel_matrix(x).unsqueeze(0)
+        return x.reshape(x.shape[0], x.shape[1], -1)
+
+    def _restore(self, grouped: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`_channel_view`."""
+        layout = self.layout_spec
+        if layout.channels_last or like.dim() == 2:
+            return layout.from_channel_matrix(grouped.squeeze(0), like)
+        return grouped.reshape(like.shape)
 
     def whitening_matrices(self, cov: torch.Tensor) -> torch.Tensor:
         """``W = f(cov + eps I)`` per group, ``(groups, g, g)``, identity-padded last block.
@@ -242,14 +236,17 @@ class GroupWhitening(NormBase):
         last = F.pad(last, (0, g - r, 0, g - r)) + _padding_eye(g, r, last)
         return torch.cat([self.matrix_function(sigma[:-1]), last])
 
-    def _to_blocks(self, matrix: torch.Tensor) -> torch.Tensor:
-        """``(C, m) -> (groups, g, m)``, zero rows padding the last group."""
+    def _to_blocks(self, grouped: torch.Tensor) -> torch.Tensor:
+        """``(B, C, m) -> (B, groups, g, m)``, zero rows padding the last group."""
         padding = self.num_groups * self.group_size - self.num_features
-        return F.pad(matrix, (0, 0, 0, padding)).reshape(self.num_groups, self.group_size, -1)
+        if padding:
+            grouped = F.pad(grouped, (0, 0, 0, padding))
+        return grouped.reshape(grouped.shape[0], self.num_groups, self.group_size, -1)
 
     def _from_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        """``(groups, g, m) -> (C, m)``, dropping the padding rows."""
-        return blocks.reshape(self.num_groups * self.group_size, -1)[: self.num_features]
+        """``(B, groups, g, m) -> (B, C, m)``, dropping the padding rows."""
+        grouped = blocks.reshape(blocks.shape[0], self.num_groups * self.group_size, -1)
+        return grouped[:, : self.num_features]
 
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, cov: torch.Tensor, count: int) -> None:
