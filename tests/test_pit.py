@@ -10,7 +10,7 @@ import torch
 from scipy import special, stats
 
 import normzoo
-from normzoo_plugins import pit
+from normzoo_plugins.pit.knots import slice_means
 
 from .pit_fidelity import BATCH_SIZES, DISTRIBUTIONS, batchnorm, fidelity
 
@@ -246,7 +246,7 @@ def test_the_first_batch_sets_the_running_table():
     module = build("fc")
     module(x)
     for c, values in enumerate(channels(x)):
-        expected_knots = pit.slice_means(torch.tensor(np.sort(values))[None], 64)[0].numpy()
+        expected_knots = slice_means(torch.tensor(np.sort(values))[None], 64)[0].numpy()
         np.testing.assert_allclose(module.running_knots[c].numpy(), expected_knots, atol=1e-12)
         below, at_or_below = counts_at(values, expected_knots)
         np.testing.assert_allclose(module.running_below[c].numpy(), below, atol=1e-12)
@@ -327,7 +327,7 @@ def test_knots_are_slice_means_of_the_interpolated_quantile_function(n):
     k, fine = 16, 160_000
     u = (np.arange(fine) + 0.5) / fine  # midpoint rule, 10,000 points per slice
     expected = np.quantile(values, u).reshape(k, -1).mean(axis=1)
-    got = pit.slice_means(torch.tensor(values)[None], k)[0].numpy()
+    got = slice_means(torch.tensor(values)[None], k)[0].numpy()
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-7)
 
 
