@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 import normzoo
+from normzoo.compare import SMOKE_EXAMPLES
 from normzoo.interface import NormzooError
 
 EPILOG = """examples:
@@ -183,6 +184,44 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="3 short rounds: a smoke test")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bench.set_defaults(handler=_bench)
+
+    comparison = commands.add_parser(
+        "compare",
+        help="run the experiments declared in Markdown pages and write their results in",
+        description="Each page declares an experiment in a ```normzoo block (TOML: base "
+        "settings, a grid and/or a list of variants, seeds) and has a generated section between "
+        "<!-- normzoo:results:begin --> and <!-- normzoo:results:end -->. Runs every "
+        "(variant, seed) not stored yet, storing each the moment it finishes (an interrupted "
+        "comparison resumes where it stopped), then rewrites the generated sections (a table "
+        "with means, 95%% intervals and paired differences to the baseline) and the plots. "
+        "See docs/exercises/ for pages.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    comparison.add_argument("paths", nargs="+", metavar="PAGE", help="pages or directories")
+    comparison.add_argument(
+        "--check", action="store_true",
+        help="train nothing: fail if a page's generated section or plots differ from what its "
+        "stored results give, a run is missing, or a page names an unknown norm or option",
+    )  # fmt: skip
+    comparison.add_argument(
+        "--jobs", type=_positive_int, default=1, help="runs in parallel, in separate processes"
+    )
+    comparison.add_argument(
+        "--threads", type=_positive_int, default=None,
+        help="torch threads per process (default: the cores split between the jobs)",
+    )  # fmt: skip
+    comparison.add_argument(
+        "--shard", default=None, metavar="I/K",
+        help="run only slice I of K of the runs (e.g. one per CI matrix entry); results merge "
+        "by file name",
+    )  # fmt: skip
+    comparison.add_argument(
+        "--smoke", action="store_true",
+        help=f"one seed, one epoch, {SMOKE_EXAMPLES} examples per variant; stores nothing and "
+        "rewrites no page (a test that the pages run)",
+    )  # fmt: skip
+    comparison.add_argument("--no-progress", dest="progress", action="store_false")
+    comparison.set_defaults(handler=_compare)
     parser.set_defaults(command_parsers=commands.choices)
     return parser
 
@@ -221,6 +260,29 @@ def _bench(args: argparse.Namespace) -> int:
         write_json(args.json, results, config, pipeline)
         print(f"results: {args.json}")
     return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from normzoo.compare import CompareConfig, check, compare, parse_shard
+
+    if args.check:
+        problems = check(args.paths)
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        print(f"{len(problems)} problem(s)" if problems else "all pages in step with their results")
+        return 1 if problems else 0
+    config = CompareConfig(
+        jobs=args.jobs,
+        threads=args.threads,
+        shard=parse_shard(args.shard) if args.shard else None,
+        smoke=args.smoke,
+        progress=args.progress,
+    )
+    try:
+        failures = compare(args.paths, config)
+    except KeyboardInterrupt:
+        return 130
+    return 1 if failures else 0
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -161,12 +161,13 @@ class RunConfig:
 
 @dataclass
 class RunResult:
-    """Where the files went and what each epoch measured; ``status`` is ``finished`` or
-    ``diverged`` (a failed or interrupted run raises instead)."""
+    """Where the files went, what each epoch measured and the trained model; ``status`` is
+    ``finished`` or ``diverged`` (a failed or interrupted run raises instead)."""
 
     directory: RunDirectory
     epochs: list[EpochMetrics]
     status: str
+    model: torch.nn.Module
     message: str = ""
 
 
@@ -277,7 +278,7 @@ def _run(config: RunConfig, progress: bool, on_epoch: Callable[[EpochMetrics], N
             record("finished")
     except TrainingDiverged as error:
         record_final("diverged", str(error))
-        return RunResult(directory, history, "diverged", str(error))
+        return RunResult(directory, history, "diverged", model, str(error))
     except KeyboardInterrupt as error:
         number = getattr(error, "signal_number", signal.SIGINT)
         message = (
@@ -293,4 +294,4 @@ def _run(config: RunConfig, progress: bool, on_epoch: Callable[[EpochMetrics], N
             message = f"{type(error).__name__}: {first_line(error)}".rstrip(": ")
         record_final("failed", message)
         raise
-    return RunResult(directory, history, "finished")
+    return RunResult(directory, history, "finished", model)

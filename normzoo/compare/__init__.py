@@ -1,0 +1,219 @@
+"""Documentation-driven comparisons: pages that declare an experiment and show its results.
+
+``normzoo compare PAGE`` runs every (variant, seed) of the page's experiment whose result is
+not stored yet, then rewrites the page's generated section and plots from the stored results;
+``--check`` renders from the stored results only and reports every page that is out of step.
+Modules: :mod:`~normzoo.compare.page` (the page and its experiment block),
+:mod:`~normzoo.compare.cache` (result files keyed by the resolved configuration),
+:mod:`~normzoo.compare.execute` (running, in parallel processes),
+:mod:`~normzoo.compare.summary` (statistics), :mod:`~normzoo.compare.render` (table, plots).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from itertools import zip_longest
+from pathlib import Path
+from typing import Any
+
+from normzoo.compare.cache import ResultStore, resolved_config, run_key
+from normzoo.compare.execute import PendingRun, run_all
+from normzoo.compare.page import Page, PageError, Variant, find_pages, parse_page
+from normzoo.compare.render import figure_paths, render_plots, render_section
+from normzoo.compare.summary import VariantSummary, summarize
+from normzoo.errors import NormzooError
+
+__all__ = ["CompareConfig", "PageError", "check", "compare", "parse_shard"]
+
+#: ``--smoke``: one seed and epoch per variant on this many training and test examples.
+SMOKE_EXAMPLES = 512
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """How ``normzoo compare`` runs: ``jobs`` processes of ``threads`` torch threads each
+    (``None``: the cores split evenly), only slice ``shard = (i, k)`` of the runs (1-based),
+    or a ``smoke`` test (nothing stored beside the pages, no page rewritten)."""
+
+    jobs: int = 1
+    threads: int | None = None
+    shard: tuple[int, int] | None = None
+    smoke: bool = False
+    progress: bool = True
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/k"`` with ``1 <= i <= k``."""
+    try:
+        i, k = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise NormzooError(f"--shard must look like 2/4 (slice i of k), got {text!r}") from None
+    if not 1 <= i <= k:
+        raise NormzooError(f"--shard {text}: need 1 <= i <= k")
+    return i, k
+
+
+@dataclass(frozen=True)
+class _PlannedRun:
+    variant: Variant
+    seed: int
+    pending: PendingRun
+
+
+def _plan(page: Page, smoke_dir: Path | None = None) -> list[_PlannedRun]:
+    """Every (variant, seed) of ``page`` with its key; an unknown norm or option is a
+    :class:`PageError` naming the page's experiment block."""
+    planned = []
+    seeds = page.seeds[:1] if smoke_dir else page.seeds
+    for variant in page.variants:
+        for seed in seeds:
+            try:
+                config = variant.config(seed)
+                if smoke_dir:
+                    config = replace(config, epochs=1, precise_stats=min(config.precise_stats, 2),
+                                     train_subset=SMOKE_EXAMPLES, test_subset=SMOKE_EXAMPLES)  # fmt: skip
+                config.validate()
+                key = run_key(resolved_config(config))
+            except (NormzooError, TypeError) as error:
+                raise PageError(f"{page.where()}: variant {variant.label!r}: {error}") from None
+            directory = smoke_dir or page.results_dir
+            planned.append(_PlannedRun(variant, seed, PendingRun(variant.label, config, key,
+                                                                 directory)))  # fmt: skip
+    return planned
+
+
+def _summaries(page: Page, planned: list[_PlannedRun]) -> tuple[list[VariantSummary], int]:
+    """The summary of each variant from the stored results, and how many runs are missing."""
+    by_variant: dict[str, dict[int, dict[str, Any]]] = {v.label: {} for v in page.variants}
+    missing = 0
+    for run in planned:
+        result = ResultStore(run.pending.results_dir).load(run.pending.key)
+        if result is None:
+            missing += 1
+        else:
+            by_variant[run.variant.label][run.seed] = result
+    baseline = by_variant[page.baseline]
+    summaries = [
+        summarize(label, runs, None if label == page.baseline else baseline)
+        for label, runs in by_variant.items()
+    ]
+    return summaries, missing
+
+
+def compare(
+    paths: Sequence[Path | str],
+    config: CompareConfig = CompareConfig(),
+    say: Callable[[str], None] = print,
+) -> int:
+    """Run what is missing for the pages at ``paths`` and rewrite their generated sections.
+
+    Returns the number of runs that failed (0 when all is well). Every finished run is stored
+    the moment it ends, so an interrupted comparison loses nothing finished and a second call
+    runs only what is still missing. A page is rewritten once all its runs are stored.
+    """
+    pages = [parse_page(path) for path in find_pages(list(paths))]
+    with tempfile.TemporaryDirectory(prefix="normzoo-smoke-") as scratch:
+        smoke_dir = Path(scratch) if config.smoke else None
+        plans = {page.path: _plan(page, smoke_dir) for page in pages}
+        unique: dict[tuple[Path, str], PendingRun] = {}
+        for planned in plans.values():
+            for run in planned:
+                unique.setdefault((run.pending.results_dir, run.pending.key), run.pending)
+        ordered = [unique[k] for k in sorted(unique, key=lambda k: k[1])]
+        if config.shard:
+            i, k = config.shard
+            ordered = ordered[i - 1 :: k]
+        todo = [run for run in ordered if not ResultStore(run.results_dir).has(run.key)]
+        jobs = max(1, min(config.jobs, len(todo)))
+        threads = config.threads or max(1, (os.cpu_count() or 1) // jobs)
+        say(
+            f"{len(ordered)} runs: {len(ordered) - len(todo)} stored, {len(todo)} to run "
+            f"({jobs} process(es), {threads} thread(s) each)"
+        )
+        failures = _run_with_progress(todo, jobs, threads, config.progress, say)
+        for page in pages:
+            summaries, missing = _summaries(page, plans[page.path])
+            if missing:
+                say(f"{page.path}: {missing} runs still missing; page not rewritten")
+                continue
+            section = render_section(page, summaries)
+            if config.smoke:
+                continue
+            render_plots(page, summaries)
+            if section != page.generated:
+                page.path.write_text(page.with_generated(section))
+                say(f"{page.path}: results updated")
+            else:
+                say(f"{page.path}: up to date")
+    return failures
+
+
+def _run_with_progress(
+    todo: list[PendingRun], jobs: int, threads: int, progress: bool, say: Callable[[str], None]
+) -> int:
+    from tqdm import tqdm
+
+    failures = 0
+    bar = tqdm(total=len(todo), unit="run", disable=not progress or not todo, file=sys.stderr)
+
+    def done(run: PendingRun, result: dict[str, Any] | None, error: BaseException | None) -> None:
+        nonlocal failures
+        if error is not None:
+            failures += 1
+            bar.write(f"failed: {run.label} seed {run.config.seed}: {error}")
+        else:
+            test = result["epochs"][-1]["test_acc"] if result["epochs"] else float("nan")
+            bar.set_postfix_str(f"{run.label} seed {run.config.seed}: {result['status']}, "
+                                f"test {test:.3f}")  # fmt: skip
+        bar.update(1)
+
+    try:
+        run_all(todo, jobs, threads, done)
+    except KeyboardInterrupt:
+        bar.close()
+        say(f"interrupted: {bar.n} of {len(todo)} runs finished and stored; run the same "
+            "command again to resume")  # fmt: skip
+        raise
+    bar.close()
+    return failures
+
+
+def check(paths: Sequence[Path | str]) -> list[str]:
+    """Problems with the pages at ``paths``, one line each (empty: all in step).
+
+    Renders every page from its stored results only, never trains. A problem is a page that
+    cannot be parsed, names an unknown norm or option, misses a run, lacks a plot, or whose
+    generated section differs from what its stored results give (the first differing line).
+    """
+    problems = []
+    for path in find_pages(list(paths)):
+        try:
+            page = parse_page(path)
+            planned = _plan(page)
+        except PageError as error:
+            problems.append(str(error))
+            continue
+        summaries, missing = _summaries(page, planned)
+        if missing:
+            problems.append(f"{page.where()}: {missing} of {len(planned)} runs are not stored; "
+                            f"run normzoo compare {page.path}")  # fmt: skip
+            continue
+        expected = render_section(page, summaries).split("\n")
+        found = page.generated.split("\n")
+        for offset, (want, have) in enumerate(zip_longest(expected, found)):
+            if want != have:
+                problems.append(
+                    f"{page.where(page.generated_line + offset)}: generated section differs "
+                    f"from the stored results: expected {want!r}, found {have!r}; run "
+                    f"normzoo compare {page.path}"
+                )
+                break
+        for plot in figure_paths(page).values():
+            if not plot.is_file():
+                problems.append(f"{page.where()}: plot {plot} is missing; run normzoo compare "
+                                f"{page.path}")  # fmt: skip
+    return problems

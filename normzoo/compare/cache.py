@@ -1,0 +1,70 @@
+"""The run cache: one small JSON file per finished run, named by a hash of what it computed.
+
+The key covers the full resolved configuration (every harness setting, the norm's options
+with their defaults filled in) and the norm's declared ``version``, so a run is redone exactly
+when something that changes its numbers changes: a bumped norm version reruns that norm's
+runs only. Where and how a run happened (device, thread count, machine) is recorded in the
+file but is not part of the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import normzoo
+from normzoo.harness.experiment import RunConfig
+from normzoo.harness.model import frozen_affine_options
+from normzoo.harness.runs import atomic_write_json
+
+#: Bumped when the harness changes what a run computes (the model, the training loop, the data).
+HARNESS_VERSION = "1"
+_WHERE_NOT_WHAT = ("device", "data_dir", "download", "runs_dir")
+
+
+def resolved_config(config: RunConfig) -> dict[str, Any]:
+    """What a run computes, with the norm's options resolved and its version: the key's input.
+
+    Raises the registry's one-line errors for an unknown norm or option.
+    """
+    info = normzoo.info(config.norm)
+    options = dict(config.norm_options)
+    if config.freeze_affine:
+        options.update(frozen_affine_options(info, options))
+    settings = {k: v for k, v in asdict(config).items() if k not in _WHERE_NOT_WHAT}
+    settings["norm_options"] = info.resolve_options(options)
+    settings["norm_version"] = info.version
+    settings["harness_version"] = HARNESS_VERSION
+    return settings
+
+
+def run_key(resolved: dict[str, Any]) -> str:
+    """A stable 16-hex-digit name for a resolved configuration."""
+    canonical = json.dumps(resolved, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+class ResultStore:
+    """The result files of one directory: ``<key>.json`` each, written atomically."""
+
+    def __init__(self, directory: Path | str) -> None:
+        self.directory = Path(directory)
+
+    def path(self, key: str) -> Path:
+        return self.directory / f"{key}.json"
+
+    def has(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def load(self, key: str) -> dict[str, Any] | None:
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        return json.loads(path.read_text())
+
+    def save(self, key: str, result: dict[str, Any]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.path(key), result)

@@ -1,0 +1,216 @@
+"""A comparison page: Markdown with an experiment block and a generated section.
+
+The experiment is a fenced block with the info string ``normzoo`` holding TOML::
+
+    ```normzoo
+    seeds = 3                      # or a list: [0, 1, 2]
+    baseline = "batchnorm"         # the variant every other is paired with
+    results = "../results"         # where run results live, relative to the page
+    figures = "."                  # where the plots go, relative to the page
+
+    [base]                         # harness settings shared by every variant
+    epochs = 10
+    norm = "batchnorm"
+
+    [grid]                         # every combination of these values is a variant ...
+    lr = [0.1, 1.0]
+
+    [[variant]]                    # ... combined with each of these (label optional)
+    label = "no bias"
+    bias_before_norm = false
+    ```
+
+Keys of ``base``, ``grid`` and a variant are :class:`~normzoo.harness.experiment.RunConfig`
+fields (``norm``, ``norm_options``, ``lr``, ``placement``, ``dropout``, ``bias_before_norm``,
+``freeze_affine``, ``batch_size``, ``activation``, ``epochs``, ``precise_stats``,
+``train_subset``, ``test_subset``). The results are written between the markers
+:data:`BEGIN` and :data:`END`; nothing else on the page is ever touched.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from normzoo.errors import NormzooError, suggest
+from normzoo.harness.experiment import RunConfig
+
+BEGIN = "<!-- normzoo:results:begin -->"
+END = "<!-- normzoo:results:end -->"
+_FENCE = re.compile(r"^```normzoo[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
+_TOP_KEYS = ("seeds", "baseline", "results", "figures", "plots", "base", "grid", "variant")
+#: The plots a page can ask for; ``affine`` shows the learned gamma and beta per layer.
+PLOTS = ("curves", "finals", "affine")
+#: Settings that say where and how a run happens, not what it computes: not page keys.
+_NOT_SETTINGS = ("seed", "device", "data_dir", "download", "runs_dir")
+SETTINGS = tuple(f.name for f in fields(RunConfig) if f.name not in _NOT_SETTINGS)
+
+
+class PageError(NormzooError):
+    """A page cannot be read as a comparison; the message names the page and line."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One arm of the comparison: a label and the harness settings it runs with."""
+
+    label: str
+    settings: dict[str, Any]
+
+    def config(self, seed: int) -> RunConfig:
+        return RunConfig(**self.settings, seed=seed)
+
+
+@dataclass
+class Page:
+    """A parsed comparison page.
+
+    ``text`` is the whole file; ``block_line`` the line of the experiment block (1-based);
+    ``begin``/``end`` the character offsets of the generated section's content (between the
+    markers).
+    """
+
+    path: Path
+    text: str
+    block_line: int
+    plots: list[str]
+    variants: list[Variant]
+    seeds: list[int]
+    baseline: str
+    results_dir: Path
+    figures_dir: Path
+    begin: int
+    end: int
+
+    @property
+    def generated(self) -> str:
+        return self.text[self.begin : self.end]
+
+    @property
+    def generated_line(self) -> int:
+        return self.text.count("\n", 0, self.begin) + 1
+
+    def with_generated(self, section: str) -> str:
+        return self.text[: self.begin] + section + self.text[self.end :]
+
+    def where(self, line: int | None = None) -> str:
+        return f"{self.path}:{line if line is not None else self.block_line}"
+
+
+def find_pages(paths: list[Path | str]) -> list[Path]:
+    """The Markdown files named, and those under named directories that hold an experiment
+    block, sorted; a path that does not exist is an error naming it."""
+    pages: list[Path] = []
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            pages += [p for p in sorted(path.rglob("*.md")) if _FENCE.search(p.read_text())]
+        elif path.is_file():
+            pages.append(path)
+        else:
+            raise PageError(f"{path}: no such file or directory")
+    return pages
+
+
+def parse_page(path: Path | str) -> Page:
+    """Read ``path`` and its experiment block; raises :class:`PageError` naming the line."""
+    path = Path(path)
+    text = path.read_text()
+    blocks = list(_FENCE.finditer(text))
+    if len(blocks) != 1:
+        raise PageError(
+            f"{path}: needs exactly one ```normzoo experiment block, found {len(blocks)}"
+        )
+    match = blocks[0]
+    line = text.count("\n", 0, match.start()) + 1
+    try:
+        spec = tomllib.loads(match.group(1))
+    except tomllib.TOMLDecodeError as error:
+        raise PageError(f"{path}:{line}: the experiment block is not valid TOML: {error}") from None
+    where = f"{path}:{line}"
+    for key in spec:
+        if key not in _TOP_KEYS:
+            raise PageError(f"{where}: {suggest('experiment key', key, _TOP_KEYS)}")
+    variants = _variants(spec, where)
+    seeds = spec.get("seeds", 3)
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = list(range(seeds))
+    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds)):
+        raise PageError(f"{where}: seeds must be a count or a list of integers, got {seeds!r}")
+    labels = [v.label for v in variants]
+    baseline = spec.get("baseline", labels[0])
+    if baseline not in labels:
+        raise PageError(f"{where}: {suggest('baseline', baseline, labels)}")
+    plots = spec.get("plots", ["curves", "finals"])
+    for plot in plots if isinstance(plots, list) else [plots]:
+        if plot not in PLOTS:
+            raise PageError(f"{where}: {suggest('plot', str(plot), PLOTS)}")
+    begin, end = text.find(BEGIN), text.find(END)
+    if begin < 0 or end < begin:
+        raise PageError(f"{path}: needs the markers {BEGIN} and, after it, {END}")
+    return Page(
+        path=path,
+        text=text,
+        block_line=line,
+        plots=plots,
+        variants=variants,
+        seeds=seeds,
+        baseline=baseline,
+        results_dir=(path.parent / spec.get("results", "results")),
+        figures_dir=(path.parent / spec.get("figures", ".")),
+        begin=begin + len(BEGIN),
+        end=end,
+    )
+
+
+def _settings(table: Any, where: str, what: str) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise PageError(f"{where}: {what} must be a table, got {table!r}")
+    for key in table:
+        if key not in SETTINGS:
+            raise PageError(f"{where}: {what}: {suggest('setting', key, SETTINGS)}")
+    return dict(table)
+
+
+def _variants(spec: dict[str, Any], where: str) -> list[Variant]:
+    base = _settings(spec.get("base", {}), where, "[base]")
+    grid = _settings(spec.get("grid", {}), where, "[grid]")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise PageError(f"{where}: [grid] {key} must be a non-empty list, got {values!r}")
+    listed = spec.get("variant", [{}])
+    if not isinstance(listed, list):
+        raise PageError(f"{where}: variant must be an array of tables ([[variant]])")
+    variants: list[Variant] = []
+    for combination in itertools.product(*grid.values()):
+        from_grid = dict(zip(grid, combination))
+        for entry in listed:
+            entry = dict(entry)
+            label = entry.pop("label", None)
+            own = _settings(entry, where, "[[variant]]")
+            settings = {**base, **from_grid, **own}
+            if "norm_options" in settings and not isinstance(settings["norm_options"], dict):
+                raise PageError(f"{where}: norm_options must be a table")
+            parts = [_describe(k, v) for k, v in {**from_grid, **own}.items()]
+            if label is None:
+                label = ", ".join(parts) or settings.get("norm", "batchnorm")
+            elif from_grid:
+                label = ", ".join([label, *(_describe(k, v) for k, v in from_grid.items())])
+            variants.append(Variant(label, settings))
+    labels = [v.label for v in variants]
+    duplicated = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicated:
+        raise PageError(f"{where}: two variants share the label {duplicated[0]!r}; label them")
+    return variants
+
+
+def _describe(key: str, value: Any) -> str:
+    if key == "norm":
+        return str(value)
+    if key == "norm_options":
+        return " ".join(f"{k}={v}" for k, v in value.items())
+    return f"{key}={value}"
