@@ -74,8 +74,10 @@ def _plan(page: Page, smoke_dir: Path | None = None) -> list[_PlannedRun]:
             try:
                 config = variant.config(seed)
                 if smoke_dir:
-                    config = replace(config, epochs=1, precise_stats=min(config.precise_stats, 2),
-                                     train_subset=SMOKE_EXAMPLES, test_subset=SMOKE_EXAMPLES)  # fmt: skip
+                    config = replace(
+                        config, epochs=1, precise_stats=min(config.precise_stats, 2),
+                        train_subset=SMOKE_EXAMPLES, test_subset=SMOKE_EXAMPLES,
+                    )  # fmt: skip
                 config.validate()
                 key = run_key(resolved_config(config))
             except (NormzooError, TypeError) as error:

@@ -31,13 +31,18 @@ from __future__ import annotations
 
 import itertools
 import re
-import tomllib
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from normzoo.errors import NormzooError, suggest
 from normzoo.harness.experiment import RunConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 BEGIN = "<!-- normzoo:results:begin -->"
 END = "<!-- normzoo:results:end -->"
@@ -187,7 +192,7 @@ def _variants(spec: dict[str, Any], where: str) -> list[Variant]:
         raise PageError(f"{where}: variant must be an array of tables ([[variant]])")
     variants: list[Variant] = []
     for combination in itertools.product(*grid.values()):
-        from_grid = dict(zip(grid, combination))
+        from_grid = dict(zip(grid, combination, strict=True))
         for entry in listed:
             entry = dict(entry)
             label = entry.pop("label", None)

@@ -124,7 +124,7 @@ def _colors(plt, count: int) -> list:  # noqa: ANN001
 
 def _curves(plt, summaries: list[VariantSummary]):  # noqa: ANN001, ANN202
     figure, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100, sharey=True)
-    for summary, color in zip(summaries, _colors(plt, len(summaries))):
+    for summary, color in zip(summaries, _colors(plt, len(summaries)), strict=True):
         for column, metric in enumerate(("test_acc", "train_acc")):
             curves = [r["epochs"] for r in summary.runs.values() if r["epochs"]]
             for epochs in curves:
@@ -165,7 +165,7 @@ def _finals(plt, summaries: list[VariantSummary]):  # noqa: ANN001, ANN202
 def _affine(plt, summaries: list[VariantSummary]):  # noqa: ANN001, ANN202
     figure, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     colors = _colors(plt, len(summaries))
-    for offset, (summary, color) in enumerate(zip(summaries, colors)):
+    for offset, (summary, color) in enumerate(zip(summaries, colors, strict=True)):
         for column, parameter in enumerate(("weight", "bias")):
             for seed_index, (_, result) in enumerate(sorted(summary.runs.items())):
                 layers = [n for n, v in result["affine"].items() if f"{parameter}_mean" in v]
