@@ -1,10 +1,13 @@
 """The run cache: one small JSON file per finished run, named by a hash of what it computed.
 
-The key covers the full resolved configuration (every harness setting, the norm's options
-with their defaults filled in) and the norm's declared ``version``, so a run is redone exactly
-when something that changes its numbers changes: a bumped norm version reruns that norm's
-runs only. Where and how a run happened (device, thread count, machine) is recorded in the
-file but is not part of the key.
+The key covers the full resolved configuration and the norm's declared ``version``, so a run
+is redone exactly when something that changes its numbers changes: a bumped norm version
+reruns that norm's runs only. Settings and norm options that equal their defaults are left out
+of the key, so that a new option or harness setting whose default keeps the old behaviour does
+not invalidate every stored result; the other side of that rule is that changing a default is
+a change of the math, and bumps the norm's version (or :data:`HARNESS_VERSION`). Where and how
+a run happened (device, thread count, machine) is recorded in the file but is not part of the
+key.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ _WHERE_NOT_WHAT = ("device", "data_dir", "download", "runs_dir")
 
 
 def resolved_config(config: RunConfig) -> dict[str, Any]:
-    """What a run computes, with the norm's options resolved and its version: the key's input.
+    """What a run computes: every setting, the norm's options resolved, the versions.
 
     Raises the registry's one-line errors for an unknown norm or option.
     """
@@ -42,8 +45,16 @@ def resolved_config(config: RunConfig) -> dict[str, Any]:
 
 
 def run_key(resolved: dict[str, Any]) -> str:
-    """A stable 16-hex-digit name for a resolved configuration."""
-    canonical = json.dumps(resolved, sort_keys=True, separators=(",", ":"), default=str)
+    """A stable 16-hex-digit name for a :func:`resolved_config`: a hash of what differs from
+    the defaults (harness settings and norm options) and of the versions."""
+    defaults = {k: v for k, v in asdict(RunConfig()).items() if k not in _WHERE_NOT_WHAT}
+    essential = {k: v for k, v in resolved.items() if k not in defaults or defaults[k] != v}
+    norm_defaults = normzoo.info(resolved["norm"]).resolve_options({})
+    essential["norm"] = resolved["norm"]
+    essential["norm_options"] = {
+        k: v for k, v in resolved["norm_options"].items() if norm_defaults.get(k, object()) != v
+    }
+    canonical = json.dumps(essential, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
