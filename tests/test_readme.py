@@ -22,6 +22,13 @@ def test_readme_plugin_example_registers_and_conforms():
     check_norm("mean-only-bn", registry, options={"momentum": None}, num_features=8)
 
 
+def test_the_example_package_ships_the_readme_plugin_as_printed():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    (source,) = [block for block in blocks if "normzoo_register_norms" in block]
+    package = README.parent / "examples" / "normzoo-mean-only-bn" / "normzoo_mean_only_bn.py"
+    assert source.replace("# my_norms.py\n", "") in package.read_text()
+
+
 def test_readme_error_examples_are_what_normzoo_prints():
     import pytest
     import torch

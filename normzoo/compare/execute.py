@@ -6,10 +6,13 @@ from __future__ import annotations
 import multiprocessing
 import os
 import platform
+import signal
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -112,10 +115,11 @@ def run_all(
                 on_done(run, result, None)
         return
     context = multiprocessing.get_context("spawn")  # no forked torch thread pools
-    with ProcessPoolExecutor(jobs, context, _worker_start, (threads,)) as pool:
-        waiting: dict[Future, PendingRun] = {}
-        queue = list(runs)
-        try:
+    pool = ProcessPoolExecutor(jobs, context, _worker_start, (threads,))
+    waiting: dict[Future, PendingRun] = {}
+    queue = list(runs)
+    try:
+        with _sigterm_as_interrupt():
             while queue or waiting:
                 while queue and len(waiting) < jobs:
                     run = queue.pop(0)
@@ -125,6 +129,27 @@ def run_all(
                     run = waiting.pop(future)
                     error = future.exception()
                     on_done(run, None if error else future.result(), error)
-        except KeyboardInterrupt:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+    except KeyboardInterrupt:
+        # the workers' runs in progress are lost; the stored ones stay
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops the workers too, as Ctrl-C does, instead of leaving them orphaned."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signal_number: int, frame: object) -> None:
+        raise KeyboardInterrupt("terminated by SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

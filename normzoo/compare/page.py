@@ -200,7 +200,7 @@ def _variants(spec: dict[str, Any], where: str) -> list[Variant]:
             settings = {**base, **from_grid, **own}
             if "norm_options" in settings and not isinstance(settings["norm_options"], dict):
                 raise PageError(f"{where}: norm_options must be a table")
-            parts = [_describe(k, v) for k, v in {**from_grid, **own}.items()]
+            parts = [_describe(k, v) for k, v in {**own, **from_grid}.items()]
             if label is None:
                 label = ", ".join(parts) or settings.get("norm", "batchnorm")
             elif from_grid:

@@ -1,0 +1,220 @@
+"""`normzoo compare`: pages that are experiments, the run cache, statistics and --check."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from normzoo.cli import main
+from normzoo.compare import CompareConfig, check, compare, parse_shard
+from normzoo.compare.cache import resolved_config, run_key
+from normzoo.compare.page import BEGIN, END, PageError, parse_page
+from normzoo.compare.summary import Interval
+from normzoo.harness.experiment import RunConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = "epochs = 1\ntrain_subset = 256\ntest_subset = 128\nprecise_stats = 2\n"
+
+
+def write_page(directory: Path, block: str, name: str = "page.md") -> Path:
+    page = directory / name
+    page.write_text(
+        f"# A page\n\nWritten by hand.\n\n```normzoo\n{textwrap.dedent(block)}```\n\n"
+        f"{BEGIN}\n{END}\n\nThe answer, by hand.\n"
+    )
+    return page
+
+
+TWO_ARMS = f"""\
+seeds = 2
+baseline = "with bias"
+
+[base]
+{TINY}
+[[variant]]
+label = "with bias"
+
+[[variant]]
+label = "without bias"
+bias_before_norm = false
+"""
+
+QUIET = CompareConfig(progress=False)
+
+
+def test_a_grid_times_a_variant_list_gives_labelled_variants(tmp_path):
+    page = parse_page(write_page(tmp_path, """\
+        seeds = [3, 5]
+        baseline = "bn, lr=1.0"
+        [base]
+        epochs = 2
+        [grid]
+        lr = [0.1, 1.0]
+        [[variant]]
+        label = "bn"
+        [[variant]]
+        placement = "none"
+        """))  # fmt: skip
+    assert [v.label for v in page.variants] == [
+        "bn, lr=0.1", "placement=none, lr=0.1", "bn, lr=1.0", "placement=none, lr=1.0",
+    ]  # fmt: skip
+    assert page.seeds == [3, 5]
+    assert page.variants[1].config(5) == RunConfig(epochs=2, lr=0.1, placement="none", seed=5)
+
+
+@pytest.mark.parametrize(
+    ("block", "message"),
+    [
+        ("sedes = 3\n", "unknown experiment key 'sedes'"),
+        ("[base]\nlearning_rate = 1\n", "unknown setting 'learning_rate'"),
+        ('baseline = "nope"\n', "unknown baseline 'nope'"),
+        ("[grid]\nlr = 1.0\n", "[grid] lr must be a non-empty list"),
+        ("seeds = 2.5\n", "seeds must be a count or a list"),
+        ("[base\n", "not valid TOML"),
+        ('[[variant]]\nlabel = "a"\n[[variant]]\nlabel = "a"\n', "share the label 'a'"),
+    ],
+)
+def test_a_bad_experiment_block_is_one_error_naming_the_page_and_line(tmp_path, block, message):
+    with pytest.raises(PageError, match=r"page\.md:5: .*") as raised:
+        parse_page(write_page(tmp_path, block))
+    assert message in str(raised.value)
+
+
+def test_a_page_without_markers_is_refused(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("```normzoo\nseeds = 1\n```\n")
+    with pytest.raises(PageError, match="needs the markers"):
+        parse_page(page)
+
+
+def test_the_key_follows_what_a_run_computes_and_ignores_where_it_runs():
+    base = run_key(resolved_config(RunConfig()))
+    assert base == run_key(resolved_config(RunConfig(device="cpu", runs_dir="elsewhere")))
+    assert base == run_key(resolved_config(RunConfig(norm_options={"eps": 1e-5})))  # a default
+    assert base != run_key(resolved_config(RunConfig(norm_options={"eps": 1e-3})))
+    assert base != run_key(resolved_config(RunConfig(seed=1)))
+    assert base != run_key(resolved_config(RunConfig(freeze_affine=True)))
+    bumped = resolved_config(RunConfig()) | {"norm_version": "999"}
+    assert base != run_key(bumped)  # a norm whose math changed reruns
+
+
+def test_intervals_agree_with_scipy():
+    values = [0.861, 0.874, 0.869, 0.880, 0.858]
+    interval = Interval.of(values)
+    low, high = stats.t.interval(0.95, len(values) - 1, np.mean(values), stats.sem(values))
+    assert math.isclose(interval.low, low) and math.isclose(interval.high, high)
+    assert math.isclose(interval.std, np.std(values, ddof=1))
+    assert Interval.of([0.5]).n == 1 and math.isnan(Interval.of([0.5]).low)
+
+
+def test_compare_fills_the_section_and_check_catches_a_hand_edited_number(tmp_path):
+    page = write_page(tmp_path, TWO_ARMS)
+    before = page.read_text()
+    assert compare([page], QUIET) == 0
+    text = page.read_text()
+    head, tail = before.split(BEGIN)[0], before.split(END)[1]
+    assert text.startswith(head) and text.endswith(tail)  # nothing outside the markers moves
+    section = text.split(BEGIN)[1].split(END)[0]
+    assert "| with bias | 2 |" in section and "| without bias | 2 |" in section
+    assert "baseline" in section and "page-curves.png" in section
+    assert (tmp_path / "page-curves.png").stat().st_size > 1000
+    assert len(list((tmp_path / "results").glob("*.json"))) == 4
+    assert check([page]) == []
+
+    row = next(line for line in text.splitlines() if line.startswith("| without bias"))
+    number = row.split("|")[3].split()[0]  # final test accuracy, e.g. 0.512
+    edited = text.replace(row, row.replace(number, f"{float(number) + 0.001:.3f}", 1))
+    page.write_text(edited)
+    (problem,) = check([page])
+    line = edited.splitlines().index(row.replace(number, f"{float(number) + 0.001:.3f}", 1)) + 1
+    assert problem.startswith(f"{page}:{line}: generated section differs")
+    assert main(["compare", "--check", str(page)]) == 1
+
+
+def test_check_reports_missing_runs_and_unknown_norms_without_training(tmp_path):
+    page = write_page(tmp_path, TWO_ARMS)
+    (problem,) = check([page])
+    assert "4 of 4 runs are not stored" in problem
+    other = write_page(tmp_path, '[base]\nnorm = "batchnrom"\n', "other.md")
+    (problem,) = check([other])
+    assert problem.startswith(f"{other}:5:") and "unknown norm 'batchnrom'" in problem
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_second_compare_runs_nothing_and_a_new_seed_runs_only_itself(tmp_path, capsys):
+    page = write_page(tmp_path, TWO_ARMS)
+    compare([page], QUIET)
+    stored = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "results").glob("*.json")}
+    compare([page], QUIET)
+    assert "4 runs: 4 stored, 0 to run" in capsys.readouterr().out
+    page.write_text(page.read_text().replace("seeds = 2", "seeds = 3"))
+    compare([page], QUIET)
+    assert "6 runs: 4 stored, 2 to run" in capsys.readouterr().out
+    for name, mtime in stored.items():
+        assert (tmp_path / "results" / name).stat().st_mtime_ns == mtime
+
+
+def test_shards_split_the_runs_and_merge_by_file_name(tmp_path, capsys):
+    page = write_page(tmp_path, TWO_ARMS)
+    compare([page], CompareConfig(progress=False, shard=(1, 2)))
+    assert "2 runs: 0 stored, 2 to run" in capsys.readouterr().out
+    assert check([page])  # half the runs are missing: not rewritten yet
+    compare([page], CompareConfig(progress=False, shard=(2, 2)))
+    assert check([page]) == []
+    with pytest.raises(Exception, match="need 1 <= i <= k"):
+        parse_shard("3/2")
+
+
+def test_killing_compare_part_way_loses_no_finished_run(tmp_path):
+    """SIGTERM while the second of four runs trains; the rerun redoes only what was missing."""
+    page = write_page(tmp_path, TWO_ARMS.replace("epochs = 1", "epochs = 3"))
+    command = [sys.executable, "-m", "normzoo", "compare", str(page), "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
+    results = tmp_path / "results"
+    deadline = time.monotonic() + 120
+    while not (results.exists() and any(results.glob("*.json"))):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode != 0
+    finished = {p.name: p.read_bytes() for p in results.glob("*.json")}
+    assert 1 <= len(finished) < 4
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"4 runs: {len(finished)} stored, {4 - len(finished)} to run" in rerun.stdout
+    for name, content in finished.items():
+        assert (results / name).read_bytes() == content
+    assert check([page]) == []
+
+
+def test_two_jobs_store_the_same_numbers_as_one(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    compare([write_page(one, TWO_ARMS)], QUIET)
+    compare([write_page(two, TWO_ARMS)], CompareConfig(jobs=2, threads=1, progress=False))
+    for path in (one / "results").glob("*.json"):
+        a, b = json.loads(path.read_text()), json.loads((two / "results" / path.name).read_text())
+        assert [e["test_acc"] for e in a["epochs"]] == [e["test_acc"] for e in b["epochs"]]
+
+
+def test_every_page_in_the_docs_runs_in_smoke_mode():
+    pages = [ROOT / "docs", ROOT / "README.md"]
+    assert compare(pages, CompareConfig(smoke=True, progress=False)) == 0
+
+
+def test_the_committed_pages_are_in_step_with_their_stored_results():
+    assert check([ROOT / "docs", ROOT / "README.md"]) == []
