@@ -28,7 +28,7 @@ from normzoo.errors import (
     UnknownNormError,
 )
 from normzoo.hookspecs import hookimpl
-from normzoo.interface import AFFINE, EPS, MOMENTUM, NormInfo, Option
+from normzoo.interface import AFFINE, EPS, MOMENTUM, SYNC, NormInfo, Option
 from normzoo.layouts import LAYOUTS, Layout, get_layout
 from normzoo.registry import PluginLoadError, PluginRecord, PluginWarning, Registration, Registry
 
@@ -71,11 +71,16 @@ def plugins() -> list[PluginRecord]:
     return default_registry().plugins()
 
 
+from normzoo.convert import ConvertError, ConvertWarning, convert  # noqa: E402
+
 __all__ = [
     "AFFINE",
+    "ConvertError",
+    "ConvertWarning",
     "EPS",
     "LAYOUTS",
     "MOMENTUM",
+    "SYNC",
     "BatchSizeError",
     "DeclarationError",
     "DuplicateNormError",
@@ -96,6 +101,7 @@ __all__ = [
     "__version__",
     "available",
     "build",
+    "convert",
     "default_registry",
     "get_layout",
     "hookimpl",

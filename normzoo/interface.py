@@ -207,6 +207,11 @@ MOMENTUM = Option(
 #: ``affine``: learn a per-channel scale and shift after normalizing; ``False`` keeps them at
 #: 1 and 0 (``normzoo run --freeze-affine``).
 AFFINE = Option("affine", bool, True, "learn a per-channel scale (gamma) and shift (beta)")
+#: ``sync``: in train mode, batch statistics over the global batch of every process when
+#: torch.distributed runs several (see :mod:`normzoo.distributed`); no effect in one process.
+SYNC = Option(
+    "sync", bool, True, "batch statistics over all processes' batches under torch.distributed"
+)
 
 
 @dataclass(frozen=True)
@@ -386,15 +391,21 @@ def check_input(x: Any, num_features: int, layout: str, norm: str) -> None:
     get_layout(layout).check_input(x, num_features, norm)
 
 
-def check_batch_size(x: Any, norm: str, layout: str) -> None:
+def check_batch_size(x: Any, norm: str, layout: str, values: float | None = None) -> None:
     """Raise :class:`BatchSizeError` when a training batch has fewer than 2 values per channel.
 
     Batch statistics of a single value are meaningless (its variance is 0), so a norm that
-    uses them refuses such a batch rather than silently returning zeros.
+    uses them refuses such a batch rather than silently returning zeros. ``values`` is the
+    count over all processes when the statistics are global (this process may hold none).
     """
-    values = get_layout(layout).values_per_channel(x) if x.numel() else 0
+    where = ""
+    if values is None:
+        values = get_layout(layout).values_per_channel(x) if x.numel() else 0
+    else:
+        where = " over all processes"
     if values < 2:
         raise BatchSizeError(
-            f"{norm} uses batch statistics and needs more than 1 value per channel in train "
-            f"mode, got input of shape {tuple(x.shape)}; use a larger batch or call .eval()"
+            f"{norm} uses batch statistics and needs more than 1 value per channel{where} in "
+            f"train mode, got input of shape {tuple(x.shape)}; use a larger batch or call "
+            ".eval()"
         )

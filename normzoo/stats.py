@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from normzoo.distributed import sum_over_processes
 from normzoo.layouts import Layout, get_layout
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -39,7 +40,7 @@ def channel_sum(x: torch.Tensor, layout: str | Layout) -> torch.Tensor:
     layout = get_layout(layout)
     if layout.channels_last or x.dim() == 2:
         return x.reshape(-1, x.shape[-1]).sum(dim=0)
-    return x.reshape(x.shape[0], x.shape[1], -1).sum(dim=2).sum(dim=0)
+    return x.flatten(2).sum(dim=2).sum(dim=0)
 
 
 def batch_moments(x: torch.Tensor, layout: str | Layout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +59,35 @@ def batch_moments(x: torch.Tensor, layout: str | Layout) -> tuple[torch.Tensor, 
     return mean, var
 
 
-def unbiased(biased: torch.Tensor, count: int) -> torch.Tensor:
+def global_batch_moments(
+    x: torch.Tensor, layout: str | Layout
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance over the batches of *all* processes, and the
+    number of values per channel they hold (a float64 scalar tensor); differentiable, with
+    gradients that cross processes.
+
+    One collective carries the count, the sums and the sums of squares, all in float64, so
+    that ``E[x^2] - E[x]^2`` keeps its precision; a process may contribute an empty batch. The
+    mean and variance come back broadcastable against ``x``, in :func:`compute_dtype`.
+    """
+    layout = get_layout(layout)
+    values = x.to(torch.float64)
+    count = torch.tensor(
+        float(layout.values_per_channel(x)) if x.numel() else 0.0,
+        dtype=torch.float64, device=x.device,
+    )  # fmt: skip
+    total, sums, squares = sum_over_processes(
+        count, channel_sum(values, layout), channel_sum(values * values, layout)
+    )
+    shape = layout.channel_shape(x.shape[layout.channel_axis])
+    safe = total.clamp_min(1.0)
+    mean = sums / safe
+    var = (squares / safe - mean * mean).clamp_min(0.0)
+    dtype = compute_dtype(x)
+    return mean.reshape(shape).to(dtype), var.reshape(shape).to(dtype), total
+
+
+def unbiased(biased: torch.Tensor, count: int | torch.Tensor) -> torch.Tensor:
     """Bessel's correction of a variance or covariance estimated from ``count`` values."""
     return biased * (count / (count - 1))
 

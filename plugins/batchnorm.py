@@ -28,11 +28,20 @@ from typing import Any
 import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from normzoo import distributed
 from normzoo.base import NormBase
 from normzoo.hookspecs import hookimpl
-from normzoo.interface import AFFINE, EPS, MOMENTUM, NormInfo, check_batch_size, check_input
+from normzoo.interface import (
+    AFFINE,
+    EPS,
+    MOMENTUM,
+    SYNC,
+    NormInfo,
+    check_batch_size,
+    check_input,
+)
 from normzoo.layouts import LAYOUT_NAMES, Layout
-from normzoo.stats import batch_moments, channel_sum, unbiased, upcast
+from normzoo.stats import batch_moments, channel_sum, global_batch_moments, unbiased, upcast
 
 NAME = "batchnorm"
 
@@ -104,7 +113,10 @@ class BatchNorm(NormBase):
     """Batch norm from scratch; the statistics live in registered buffers.
 
     Parameters are those of :class:`~normzoo.NormBase`: ``num_features``, ``layout``, ``eps``,
-    ``momentum`` (``None``: cumulative average) and ``affine``.
+    ``momentum`` (``None``: cumulative average) and ``affine``; and ``sync``: under
+    torch.distributed with several processes, the train-mode statistics are those of the
+    global batch (:func:`normzoo.stats.global_batch_moments`; autograd then differentiates
+    across processes in place of the hand-written backward).
 
     In ``train()`` mode the output uses the batch statistics and updates the running ones; in
     ``eval()`` mode it uses the running statistics, ``y = s x + t`` with the per-channel
@@ -119,8 +131,10 @@ class BatchNorm(NormBase):
         eps: float = 1e-5,
         momentum: float | None = 0.1,
         affine: bool = True,
+        sync: bool = True,
     ) -> None:
         super().__init__(num_features, layout, eps, momentum, affine)
+        self.sync = sync
         self.register_running_stat("running_mean", partial(torch.zeros, num_features))
         self.register_running_stat("running_var", partial(torch.ones, num_features))
 
@@ -128,6 +142,8 @@ class BatchNorm(NormBase):
         check_input(x, self.num_features, self.layout, NAME)
         layout = self.layout_spec
         shape = layout.channel_shape(self.num_features)
+        if self.training and distributed.active(self.sync):
+            return self._global_forward(x)
         if self.training:
             check_batch_size(x, NAME, self.layout)
             y, mean, var = BatchNormFunction.apply(x, self.weight, self.bias, layout, self.eps)
@@ -145,6 +161,16 @@ class BatchNorm(NormBase):
             shift = shift + self.bias.to(values.dtype)
         return torch.addcmul(shift.reshape(shape), values, scale.reshape(shape)).to(x.dtype)
 
+    def _global_forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean, var, count = global_batch_moments(x, self.layout_spec)
+        check_batch_size(x, NAME, self.layout, values=float(count))
+        y = self.affine_transform((upcast(x) - mean) * torch.rsqrt(var + self.eps))
+        self.update_running_stats(
+            running_mean=mean.detach().reshape(-1),
+            running_var=unbiased(var.detach(), count).reshape(-1),
+        )
+        return y.to(x.dtype)
+
 
 @hookimpl
 def normzoo_register_norms(register: Callable[[NormInfo], None]) -> None:
@@ -155,7 +181,7 @@ def normzoo_register_norms(register: Callable[[NormInfo], None]) -> None:
             layouts=LAYOUT_NAMES,
             uses_batch_stats=True,
             factory=BatchNorm,
-            options=(EPS, MOMENTUM, AFFINE),
+            options=(EPS, MOMENTUM, AFFINE, SYNC),
             reference="Ioffe & Szegedy, Batch Normalization, ICML 2015; "
             "Dive into Deep Learning, section 8.5 (7.5 in v0.17)",
         )

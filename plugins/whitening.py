@@ -44,12 +44,14 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from normzoo import distributed
 from normzoo.base import NormBase
 from normzoo.hookspecs import hookimpl
 from normzoo.interface import (
     AFFINE,
     EPS,
     MOMENTUM,
+    SYNC,
     NormInfo,
     Option,
     check_batch_size,
@@ -156,6 +158,10 @@ class GroupWhitening(NormBase):
         As for :class:`~normzoo.NormBase`; ``eps`` is added to the diagonal of each covariance.
     group_size:
         Channels whitened together; ``min(group_size, C)``, the last group may be smaller.
+    sync:
+        Under torch.distributed with several processes, the train-mode mean and covariance are
+        those of the global batch: one collective sums the count, the sums and the sums of
+        outer products (float64) over the processes, exact for any split of the batch.
     """
 
     NAME = ""
@@ -168,9 +174,11 @@ class GroupWhitening(NormBase):
         eps: float = 1e-5,
         momentum: float | None = 0.1,
         affine: bool = True,
+        sync: bool = True,
     ) -> None:
         self._cache_valid = False
         super().__init__(num_features, layout, eps, momentum, affine)
+        self.sync = sync
         self.group_size = min(group_size, num_features)
         self.num_groups = -(-num_features // self.group_size)
         self.last_group_size = num_features - (self.num_groups - 1) * self.group_size
@@ -186,7 +194,13 @@ class GroupWhitening(NormBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.num_features, self.layout, self.NAME)
         grouped = self._channel_view(upcast(x))
-        if self.training:
+        if self.training and distributed.active(self.sync):
+            mean, cov, count = self._global_moments(grouped)
+            check_batch_size(x, self.NAME, self.layout, values=float(count))
+            blocks = self._to_blocks(grouped - mean.to(grouped.dtype).unsqueeze(1))
+            whitening = self.whitening_matrices(cov)
+            self._update_running_stats(mean.detach(), cov.detach(), count)
+        elif self.training:
             check_batch_size(x, self.NAME, self.layout)
             count = grouped.shape[0] * grouped.shape[2]
             mean = grouped.sum(dim=2).sum(dim=0) / count
@@ -202,6 +216,24 @@ class GroupWhitening(NormBase):
         whitened = self._from_blocks(whitening.to(blocks.dtype) @ blocks)
         return self.affine_transform(self._restore(whitened, x)).to(x.dtype)
 
+    def _global_moments(
+        self, grouped: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean ``(C,)``, biased covariance blocks ``(groups, g, g)`` and count of the global
+        batch, in float64, from this process's ``(B, C, m)`` share."""
+        values = grouped.double()
+        count = values.new_tensor(float(values.shape[0] * values.shape[2]))
+        blocks = self._to_blocks(values)
+        total, sums, outer = distributed.sum_over_processes(
+            count, values.sum(dim=2).sum(dim=0), (blocks @ blocks.mT).sum(dim=0)
+        )
+        safe = total.clamp_min(1.0)
+        mean = sums / safe
+        padded = F.pad(mean, (0, self.num_groups * self.group_size - self.num_features))
+        centre = padded.reshape(self.num_groups, self.group_size)
+        cov = outer / safe - centre.unsqueeze(-1) * centre.unsqueeze(-2)
+        return mean, cov, total
+
     def _channel_view(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as ``(B, C, m)`` without copying a contiguous input: ``(N, C, positions)`` for
         the channels-first layouts with positions, the ``(1, C, values)`` channel matrix for
@@ -211,7 +243,7 @@ class GroupWhitening(NormBase):
         layout = self.layout_spec
         if layout.channels_last or x.dim() == 2:
             return layout.to_channel_matrix(x).unsqueeze(0)
-        return x.reshape(x.shape[0], x.shape[1], -1)
+        return x.flatten(2)
 
     def _restore(self, grouped: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`_channel_view`."""
@@ -241,11 +273,13 @@ class GroupWhitening(NormBase):
         padding = self.num_groups * self.group_size - self.num_features
         if padding:
             grouped = F.pad(grouped, (0, 0, 0, padding))
-        return grouped.reshape(grouped.shape[0], self.num_groups, self.group_size, -1)
+        return grouped.reshape(grouped.shape[0], self.num_groups, self.group_size, grouped.shape[2])
 
     def _from_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         """``(B, groups, g, m) -> (B, C, m)``, dropping the padding rows."""
-        grouped = blocks.reshape(blocks.shape[0], self.num_groups * self.group_size, -1)
+        grouped = blocks.reshape(
+            blocks.shape[0], self.num_groups * self.group_size, blocks.shape[3]
+        )
         return grouped[:, : self.num_features]
 
     @torch.no_grad()
@@ -303,8 +337,9 @@ class IterNorm(GroupWhitening):
         eps: float = 1e-5,
         momentum: float | None = 0.1,
         affine: bool = True,
+        sync: bool = True,
     ) -> None:
-        super().__init__(num_features, layout, group_size, eps, momentum, affine)
+        super().__init__(num_features, layout, group_size, eps, momentum, affine, sync)
         self.iterations = iterations
 
     def matrix_function(self, sigma: torch.Tensor) -> torch.Tensor:
@@ -330,7 +365,7 @@ def normzoo_register_norms(register: Callable[[NormInfo], None]) -> None:
             layouts=LAYOUT_NAMES,
             uses_batch_stats=True,
             factory=ZCAWhitening,
-            options=(GROUP_SIZE, COVARIANCE_EPS, MOMENTUM, AFFINE),
+            options=(GROUP_SIZE, COVARIANCE_EPS, MOMENTUM, AFFINE, SYNC),
             reference="Huang, Yang, Lang & Deng, Decorrelated Batch Normalization, CVPR 2018",
         )
     )
@@ -341,7 +376,7 @@ def normzoo_register_norms(register: Callable[[NormInfo], None]) -> None:
             layouts=LAYOUT_NAMES,
             uses_batch_stats=True,
             factory=IterNorm,
-            options=(ITERATIONS, GROUP_SIZE, COVARIANCE_EPS, MOMENTUM, AFFINE),
+            options=(ITERATIONS, GROUP_SIZE, COVARIANCE_EPS, MOMENTUM, AFFINE, SYNC),
             reference="Huang, Zhou, Zhu, Liu & Shao, Iterative Normalization: Beyond "
             "Standardization towards Efficient Whitening, CVPR 2019",
         )

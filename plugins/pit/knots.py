@@ -42,11 +42,11 @@ def slice_means(sorted_rows: torch.Tensor, num_slices: int) -> torch.Tensor:
 def knot_sample(x: torch.Tensor, layout: Layout, sample_size: int) -> torch.Tensor:
     """The values of ``x`` the knots are estimated from, as ``(C, m)``: all of them, or about
     ``sample_size`` per channel taken at an even stride, copying only those."""
-    n = layout.values_per_channel(x)
-    stride = -(-n // sample_size)
+    n = layout.values_per_channel(x) if x.numel() else 0
+    stride = max(1, -(-n // sample_size))
     if layout.channels_last or x.dim() == 2:
         return x.reshape(-1, x.shape[-1])[::stride].t()
-    grouped = x.reshape(x.shape[0], x.shape[1], -1)  # (N, C, positions)
+    grouped = x.flatten(2)  # (N, C, positions)
     positions = grouped.shape[2]
     if stride <= positions:
         grouped = grouped[:, :, ::stride]

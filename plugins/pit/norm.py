@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
+from normzoo import distributed
 from normzoo.base import NormBase
-from normzoo.interface import AFFINE, MOMENTUM, Option, check_batch_size, check_input
+from normzoo.interface import AFFINE, MOMENTUM, SYNC, Option, check_batch_size, check_input
 from normzoo.stats import upcast
 from normzoo_plugins.pit.knots import (
     in_tie_run,
@@ -61,6 +62,14 @@ class PIT(NormBase):
         Most values per channel sorted for the knots in train mode.
     delta:
         Probabilities are clipped to ``[delta, 1 - delta]`` (train: ``max(delta, 1/(2n))``).
+    sync:
+        Under torch.distributed with several processes, the train-mode knots come from the
+        values of every process: each process's sample (at most ``sample_size`` values per
+        channel, taken at its own stride) is gathered, padded to the largest for the
+        collective, and the gradient flows back to each process's share. Exact while every
+        process holds at most ``sample_size`` values per channel; beyond that the union of the
+        processes' subsamples stands in for one subsample of the global batch (the same
+        evenly spaced approximation, with each process's stride).
 
     State-dict version 3 (PIT v2) replaced ``running_mean``, ``running_var`` and the
     standardized ``running_knots`` by ``running_knots`` in the input's units and the running
@@ -81,9 +90,11 @@ class PIT(NormBase):
         delta: float = 1e-6,
         momentum: float | None = 0.1,
         affine: bool = True,
+        sync: bool = True,
     ) -> None:
         self._eval_cache: dict[torch.dtype, Lookup] = {}
         super().__init__(num_features, layout, 1e-5, momentum, affine)
+        self.sync = sync
         self.num_knots = num_knots
         self.sample_size = sample_size
         self.cells = CELLS_PER_KNOT * num_knots
@@ -109,9 +120,16 @@ class PIT(NormBase):
         layout = self.layout_spec
         values = upcast(x)
         if self.training:
-            check_batch_size(x, NAME, self.layout)
-            n = layout.values_per_channel(x)
-            sorted_sample = sort_rows(knot_sample(values, layout, self.sample_size))
+            n = layout.values_per_channel(x) if x.numel() else 0
+            sample = knot_sample(values, layout, self.sample_size)
+            if distributed.active(self.sync):
+                sample = distributed.gather_columns(sample)
+                (total,) = distributed.sum_over_processes(torch.tensor(float(n)))
+                n = int(total)
+                check_batch_size(x, NAME, self.layout, values=n)
+            else:
+                check_batch_size(x, NAME, self.layout)
+            sorted_sample = sort_rows(sample)
             knots = slice_means(sorted_sample, self.num_knots)
             below, at_or_below = sample_table(sorted_sample.detach(), knots.detach())
             table = KnotTable(knots, below, at_or_below, max(self.delta, 0.5 / n))
@@ -270,4 +288,5 @@ OPTIONS = (
     Option("delta", float, 1e-6, "clip F to [delta, 1-delta]; train: >= 1/(2n)", 1e-6, 0.25),
     MOMENTUM,
     AFFINE,
+    SYNC,
 )

@@ -1,0 +1,234 @@
+"""Swap a registered norm into any model: :func:`convert`.
+
+torch's ``SyncBatchNorm.convert_sync_batchnorm`` converts batch norms to one other kind; this
+replaces every normalization layer it recognises (or that ``match`` selects) by any registered
+norm, with the right layout and number of features, and carries over what means the same
+thing in both: the affine parameters, the running statistics that share a name and shape,
+``eps``, ``momentum`` and ``affine`` (and a group norm's groups) unless given.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+import normzoo
+from normzoo.errors import NormzooError
+from normzoo.layouts import LAYOUT_NAMES
+
+log = logging.getLogger(__name__)
+
+#: The layout of each torch norm class when it cannot be read from the module itself.
+#: ``BatchNorm1d`` takes ``(N, C)`` or ``(N, C, L)``; it is taken as ``fc``, the common case.
+TORCH_LAYOUTS: dict[type[nn.Module], str] = {
+    nn.BatchNorm1d: "fc",
+    nn.BatchNorm2d: "conv",
+    nn.BatchNorm3d: "conv3d",
+    nn.SyncBatchNorm: "conv",
+    nn.InstanceNorm1d: "conv1d",
+    nn.InstanceNorm2d: "conv",
+    nn.InstanceNorm3d: "conv3d",
+    nn.GroupNorm: "conv",
+}
+_TORCH_FORWARDS = {
+    _BatchNorm.forward, nn.SyncBatchNorm.forward, _InstanceNorm.forward, nn.GroupNorm.forward,
+    nn.LayerNorm.forward,
+}  # fmt: skip
+_RUNNING = ("running_mean", "running_var", "num_batches_tracked")
+
+
+class ConvertError(NormzooError):
+    """A model or one of its modules cannot be converted; the message names the module."""
+
+
+class ConvertWarning(UserWarning):
+    """Something a replaced layer held could not be carried over to its replacement."""
+
+
+def is_normzoo_norm(module: nn.Module) -> bool:
+    """A module built by :func:`normzoo.build`: it knows its ``num_features`` and layout."""
+    return getattr(module, "layout", None) in LAYOUT_NAMES and hasattr(module, "num_features")
+
+
+def is_norm_layer(qualified_name: str, module: nn.Module) -> bool:
+    """The default ``match``: torch's batch, group, layer and instance norms, and normzoo's."""
+    return is_normzoo_norm(module) or isinstance(
+        module, (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm)
+    )
+
+
+def _shape_of(name: str, module: nn.Module) -> tuple[int, str]:
+    """``(num_features, layout)`` of a norm layer, or :class:`ConvertError`."""
+    if is_normzoo_norm(module):
+        return module.num_features, module.layout
+    if isinstance(module, nn.LayerNorm):
+        shape = module.normalized_shape
+        # over the last dim only: tokens (N, L, C); over (C, H, W): a per-example norm of images
+        return (shape[0], "seq") if len(shape) == 1 else (shape[0], "conv")
+    for kind, layout in TORCH_LAYOUTS.items():
+        if isinstance(module, kind):
+            features = module.num_channels if isinstance(module, nn.GroupNorm) else None
+            return features or module.num_features, layout
+    raise ConvertError(
+        f"cannot tell the number of features and layout of {name or 'the model'} "
+        f"({type(module).__name__}); select only normalization layers with match="
+    )
+
+
+def _check_replaceable(name: str, module: nn.Module) -> None:
+    label = name or "the model itself"
+    hooks = [
+        kind
+        for kind in (
+            "_forward_hooks",
+            "_forward_pre_hooks",
+            "_backward_hooks",
+            "_backward_pre_hooks",
+        )  # fmt: skip
+        if getattr(module, kind, None)
+    ]
+    if hooks:
+        raise ConvertError(
+            f"{label} ({type(module).__name__}) has {', '.join(h.strip('_') for h in hooks)}; "
+            "remove them before converting (they would not move to the new layer)"
+        )
+    if not is_normzoo_norm(module) and type(module).forward not in _TORCH_FORWARDS:
+        raise ConvertError(
+            f"{label} ({type(module).__name__}) overrides forward; converting it would drop "
+            "that behaviour: exclude it with match="
+        )
+
+
+def _inherited_options(module: nn.Module, declared: set[str], given: Mapping[str, Any]) -> dict:
+    options: dict[str, Any] = {}
+    for option in ("eps", "momentum", "affine"):
+        if option in declared and option not in given and hasattr(module, option):
+            value = getattr(module, option)
+            if option == "affine" and isinstance(module, nn.LayerNorm):
+                value = module.elementwise_affine
+            options[option] = value
+    if "groups" in declared and "groups" not in given and isinstance(module, nn.GroupNorm):
+        options["groups"] = module.num_groups
+    return options
+
+
+def _replacement(
+    name: str, module: nn.Module, norm: str, options: Mapping[str, Any], lost: list[str]
+) -> nn.Module:
+    """The new layer for ``module``, with what can be carried over carried over."""
+    _check_replaceable(name, module)
+    features, layout = _shape_of(name, module)
+    declared = {option.name for option in normzoo.info(norm).options}
+    resolved = {**_inherited_options(module, declared, options), **options}
+    if layout not in normzoo.info(norm).layouts:
+        raise ConvertError(
+            f"{name or 'the model itself'} ({type(module).__name__}) needs layout {layout!r}, "
+            f"which norm {norm!r} does not support ({', '.join(normzoo.info(norm).layouts)})"
+        )
+    new = normzoo.build(norm, features, layout, **resolved)
+    reference = next(iter(module.parameters()), None)
+    if reference is None:
+        reference = next(iter(module.buffers()), None)
+    if reference is not None:
+        new = new.to(device=reference.device, dtype=reference.dtype)
+    with torch.no_grad():
+        for parameter in ("weight", "bias"):
+            old_value, new_value = getattr(module, parameter, None), getattr(new, parameter, None)
+            if isinstance(old_value, torch.Tensor) and isinstance(new_value, nn.Parameter) and \
+                    old_value.shape == new_value.shape:  # fmt: skip
+                new_value.copy_(old_value)
+                new_value.requires_grad_(old_value.requires_grad)
+            elif isinstance(old_value, torch.Tensor):
+                lost.append(f"{name}.{parameter}")
+        new_buffers = dict(new.named_buffers())
+        for buffer, value in module.named_buffers():
+            target = new_buffers.get(buffer)
+            if target is not None and value is not None and target.shape == value.shape:
+                target.copy_(value)
+                if hasattr(new, "running_stats_changed"):
+                    new.running_stats_changed()
+            elif value is not None and buffer in _RUNNING:
+                lost.append(f"{name}.{buffer}")
+    new.train(module.training)
+    return new
+
+
+def convert(
+    model: nn.Module,
+    name: str,
+    *,
+    match: Callable[[str, nn.Module], bool] | None = None,
+    **options: Any,
+) -> nn.Module:
+    """Replace every normalization layer of ``model`` by norm ``name``, in place.
+
+    Parameters
+    ----------
+    model:
+        Any module, e.g. ``torchvision.models.resnet18()``, or a norm layer itself (then the
+        replacement is returned). Not one wrapped in ``DistributedDataParallel``: convert
+        first, then wrap.
+    name:
+        A registered norm; ``options`` are its options. ``eps``, ``momentum``, ``affine`` (and
+        ``groups`` from a ``GroupNorm``) are taken from each replaced layer unless given.
+    match:
+        ``match(qualified_name, module)`` selects the layers to replace; the default
+        (:func:`is_norm_layer`) takes torch's batch, group, layer and instance norms and every
+        normzoo norm.
+
+    Returns the converted model (the same object unless ``model`` itself was replaced). Each
+    new layer gets the old one's device, dtype, ``training`` flag, affine parameters (with
+    their ``requires_grad``) and the running statistics that share a name and shape (so that
+    ``batchnorm`` and torch's batch norm convert into each other with the same numbers). A
+    layer shared by several parents is replaced once, by one new layer. A :class:`ConvertWarning`
+    lists what could not be carried over. Build the optimizer after converting: it would
+    otherwise hold the old layers' parameters.
+
+    Raises :class:`ConvertError` for a model wrapped in DDP or ``DataParallel``, and for a
+    selected layer with hooks or a ``forward`` of its own (torch's converter drops both
+    silently), or whose layout the norm does not support.
+    """
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        raise ConvertError(
+            f"the model is wrapped in {type(model).__name__}; convert model.module, then wrap "
+            "the converted model"
+        )
+    normzoo.info(name)  # an unknown name fails before anything changes
+    match = match or is_norm_layer
+    lost: list[str] = []
+    if match("", model):
+        replacement = _replacement("", model, name, options, lost)
+        _report([""], name, lost)
+        return replacement
+    new_of: dict[int, nn.Module] = {}
+    replaced: list[str] = []
+    for parent_name, parent in list(model.named_modules(remove_duplicate=False)):
+        for child_name, child in list(parent.named_children()):
+            qualified = f"{parent_name}.{child_name}" if parent_name else child_name
+            if id(child) in new_of:
+                setattr(parent, child_name, new_of[id(child)])
+            elif match(qualified, child):
+                new_of[id(child)] = _replacement(qualified, child, name, options, lost)
+                setattr(parent, child_name, new_of[id(child)])
+                replaced.append(qualified)
+    _report(replaced, name, lost)
+    return model
+
+
+def _report(replaced: list[str], name: str, lost: list[str]) -> None:
+    log.info("normzoo.convert: replaced %d layers by %r: %s", len(replaced), name,
+             ", ".join(n or "(the model)" for n in replaced))  # fmt: skip
+    if lost:
+        warnings.warn(
+            f"normzoo.convert: replaced {len(replaced)} layers by {name!r}; could not carry "
+            f"over (no counterpart of the same shape): {', '.join(lost)}",
+            ConvertWarning,
+            stacklevel=3,
+        )
