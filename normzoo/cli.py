@@ -4,6 +4,7 @@ registry (:mod:`normzoo`) and the harness (:mod:`normzoo.harness`)."""
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import textwrap
@@ -138,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
         "protocol, whose eval accuracy swings by several points between epochs at lr 1.0)",
     )
     run.add_argument("--runs-dir", default="runs", help="parent directory of the run directories")
+    run.add_argument(
+        "--nproc", type=_positive_int, default=1, metavar="N",
+        help="train on N local processes (DDP; gloo on CPU, NCCL on CUDA), each on its share of "
+        "every batch, the norms' statistics over the whole batch; the cores are split between "
+        "them. Under torchrun, leave it at 1: the processes come from torchrun",
+    )  # fmt: skip
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     run.set_defaults(handler=_run)
 
@@ -287,6 +294,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from normzoo.harness.experiment import RunConfig, run_experiment
+    from normzoo.harness.train import EpochMetrics
 
     if args.download and args.data_dir is None:
         raise NormzooError("--download needs --data-dir, the directory to download into")
@@ -309,17 +317,24 @@ def _run(args: argparse.Namespace) -> int:
         test_subset=args.test_subset,
         precise_stats=args.precise_stats,
         runs_dir=args.runs_dir,
+        nproc=args.nproc,
     )
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 reports
+
+    def report(metrics: EpochMetrics) -> None:
+        if main_process:
+            print(metrics.summary(), flush=True)
+
     try:
-        result = run_experiment(
-            config, progress=args.progress, on_epoch=lambda m: print(m.summary(), flush=True)
-        )
+        result = run_experiment(config, progress=args.progress, on_epoch=report)
     except KeyboardInterrupt as error:
         # only around the run: once it has returned, its files say finished
         directory = getattr(error, "directory", None)
         where = f"; finished epochs are saved in {directory}" if directory else ""
         print(f"\nnormzoo: {error or 'interrupted'}{where}", file=sys.stderr)
         return 128 + getattr(error, "signal_number", signal.SIGINT)
+    if result.directory is None:  # not rank 0 under torchrun: rank 0 reports
+        return 0 if result.status == "finished" else 1
     if result.status == "diverged":
         print(f"normzoo: {result.message}", file=sys.stderr)
         print(f"finished epochs saved in {result.directory.path}", file=sys.stderr)

@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+import os
 import platform
 import signal
 import threading
@@ -20,11 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 import normzoo
 from normzoo.harness.data import load_fashion_mnist
 from normzoo.harness.model import build_lenet, first_line, frozen_affine_options
-from normzoo.harness.runs import RunDirectory, check_runs_root, json_bytes
+from normzoo.harness.processes import current, join_from_environment, launch, local_device
+from normzoo.harness.runs import METRICS, WEIGHTS, RunDirectory, check_runs_root, json_bytes
 from normzoo.harness.train import (
     EpochMetrics,
     TrainingDiverged,
@@ -130,6 +136,7 @@ class RunConfig:
     test_subset: int | None = None
     precise_stats: int = 50
     runs_dir: str = "runs"
+    nproc: int = 1
 
     def validate(self) -> None:
         """Reject values no run could use, naming the bad one.
@@ -142,7 +149,7 @@ class RunConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise NormzooError(f"{name} must be a finite number, got {value!r}")
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "nproc"):
             if getattr(self, name) < 1:
                 raise NormzooError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.precise_stats < 0:
@@ -195,6 +202,9 @@ def run_experiment(
     SIGINT and SIGTERM are held off while the final files and the final status are written,
     so a run is either finished completely or recorded as interrupted.
     """
+    if config.nproc > 1:
+        config.validate()
+        return _launched(config, progress)
     with _sigterm_interrupts():
         try:
             return _run(config, progress, on_epoch)
@@ -202,6 +212,30 @@ def run_experiment(
             raise
         except KeyboardInterrupt as error:
             raise RunInterrupted(str(error) or "interrupted", signal.SIGINT) from error
+
+
+#: DDP without broadcasting rank 0's buffers at every forward (torch >= 2.13 renamed the switch)
+_NO_BUFFER_BROADCAST = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
+
+
+def _launched(config: RunConfig, progress: bool) -> RunResult:
+    """Run on ``config.nproc`` local processes and read the result back from the run files."""
+    import json
+
+    path = launch(config, progress)
+    metrics = json.loads((path / METRICS).read_text())
+    model = build_lenet(
+        config.norm, config.norm_options, config.activation, config.placement,
+        config.bias_before_norm, config.dropout, config.freeze_affine,
+    )  # fmt: skip
+    if (path / WEIGHTS).exists():
+        model.load_state_dict(torch.load(path / WEIGHTS, weights_only=True))
+    epochs = [EpochMetrics(**epoch) for epoch in metrics["epochs"]]
+    return RunResult(RunDirectory(path), epochs, metrics["status"], model, metrics["message"])
 
 
 def _config_record(config: RunConfig, device: torch.device, train: int, test: int) -> dict:
@@ -213,6 +247,7 @@ def _config_record(config: RunConfig, device: torch.device, train: int, test: in
         "config": asdict(config),
         "resolved_norm_options": info.resolve_options(options),
         "device": str(device),
+        "processes": current().world,
         "train_examples": train,
         "test_examples": test,
         "versions": {
@@ -226,6 +261,22 @@ def _config_record(config: RunConfig, device: torch.device, train: int, test: in
 def _run(config: RunConfig, progress: bool, on_epoch: Callable[[EpochMetrics], None]) -> RunResult:
     config.validate()
     device = resolve_device(config.device)
+    joined = join_from_environment(device)  # under torchrun
+    try:
+        return _run_in_group(config, local_device(device), progress, on_epoch)
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+def _run_in_group(
+    config: RunConfig,
+    device: torch.device,
+    progress: bool,
+    on_epoch: Callable[[EpochMetrics], None],
+) -> RunResult:
+    processes = current()
+    progress = progress and processes.main
     check_runs_root(config.runs_dir)
     torch.manual_seed(config.seed)
     model = build_lenet(
@@ -241,10 +292,19 @@ def _run(config: RunConfig, progress: bool, on_epoch: Callable[[EpochMetrics], N
     record_of_config = _config_record(config, device, len(data.train), len(data.test))
     json_bytes(record_of_config)  # a non-finite option fails here, before the directory exists
 
-    directory = RunDirectory.create(config.runs_dir, config.norm)
+    trained: nn.Module = model
+    if processes.world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        # the norms keep their statistics equal across processes themselves (sync)
+        trained = DistributedDataParallel(model, device_ids=ids, **_NO_BUFFER_BROADCAST)
+    directory = RunDirectory.create(config.runs_dir, config.norm) if processes.main else None
+    if directory is not None and os.environ.get("NORMZOO_RUN_DIRECTORY_NOTE"):
+        Path(os.environ["NORMZOO_RUN_DIRECTORY_NOTE"]).write_text(str(directory.path))
     history: list[EpochMetrics] = []
 
     def record(status: str, message: str = "") -> None:
+        if directory is None:  # another process than rank 0
+            return
         directory.write_metrics(
             {"status": status, "message": message, "epochs": [m.as_dict() for m in history]}
         )
@@ -266,15 +326,17 @@ def _run(config: RunConfig, progress: bool, on_epoch: Callable[[EpochMetrics], N
         on_epoch(metrics)
 
     try:
-        directory.write_config(record_of_config)
+        if directory is not None:
+            directory.write_config(record_of_config)
         record("running")
         train(
-            model, data, config.epochs, config.lr, config.batch_size, config.seed,
+            trained, data, config.epochs, config.lr, config.batch_size, config.seed,
             label=config.norm, on_epoch=epoch_done, progress=progress,
             precise_stats=config.precise_stats,
         )  # fmt: skip
         with _signals_deferred():
-            directory.save_weights(model)
+            if directory is not None:
+                directory.save_weights(model)
             record("finished")
     except TrainingDiverged as error:
         record_final("diverged", str(error))
@@ -286,7 +348,7 @@ def _run(config: RunConfig, progress: bool, on_epoch: Callable[[EpochMetrics], N
             f"{signal.Signals(number).name} after {len(history)} finished epochs"
         )
         record_final("interrupted", message)
-        raise RunInterrupted(message, number, directory.path) from error
+        raise RunInterrupted(message, number, directory and directory.path) from error
     except BaseException as error:
         if isinstance(error, NormzooError):
             message = str(error)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from normzoo.base import cumulative_running_stats, reestimable_norms
 from normzoo.harness.data import FashionMNIST, Split
 from normzoo.harness.model import first_line, norm_modules
+from normzoo.harness.processes import current
 from normzoo.interface import NormzooError
 
 EVAL_BATCH = 2048
@@ -128,13 +129,14 @@ def reestimate_running_stats(
     norms = reestimable_norms(model)
     if not norms:
         return 0
+    processes = current()  # several: each runs its share, the norms sum their statistics
     order = torch.randperm(len(split), generator=generator).to(split.images.device)
     model.eval()
     for module in norms:
         module.train()
     with cumulative_running_stats(norms):
         for start, stop in batch_bounds(len(split), batch_size)[:num_batches]:
-            model(split.images[order[start:stop]])
+            model(split.images[processes.share(order[start:stop])])
     return len(norms)
 
 
@@ -301,6 +303,8 @@ def train(
     batches of 256 drop 96 per epoch).
     """
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    network = getattr(model, "module", model)  # the model inside DistributedDataParallel
+    processes = current()
     generator = torch.Generator().manual_seed(seed)
     stats_generator = torch.Generator().manual_seed(seed + 1)  # training order stays the same
     batches = batch_bounds(len(data.train), batch_size)
@@ -310,15 +314,17 @@ def train(
             metrics = _epoch(
                 model, data, optimizer, batches, generator, epoch, epochs, label, progress
             )
-            check_finite_buffers(model, label, f"in epoch {epoch}")
+            check_finite_buffers(network, label, f"in epoch {epoch}")
             if precise_stats:
                 reestimate_running_stats(
-                    model, data.train, batch_size, precise_stats, stats_generator
+                    network, data.train, batch_size, precise_stats, stats_generator
                 )
                 check_finite_buffers(
-                    model, label, f"while re-estimating them (--precise-stats) in epoch {epoch}"
+                    network, label, f"while re-estimating them (--precise-stats) in epoch {epoch}"
                 )
-            metrics = replace(metrics, test_acc=accuracy(model, data.test))
+            # eval mode communicates nothing: rank 0 tests alone and tells the others
+            test_acc = accuracy(network, data.test) if processes.main else math.nan
+            metrics = replace(metrics, test_acc=processes.from_main(test_acc))
         except NormzooError:
             raise
         except Exception as error:
@@ -347,6 +353,7 @@ def _epoch(
     device = data.train.images.device
     model.train()
     order = torch.randperm(len(data.train), generator=generator).to(device)
+    processes = current()  # several: each trains on its share of every global batch
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
@@ -357,7 +364,7 @@ def _epoch(
     )  # fmt: skip
     try:
         for step, (start, stop) in enumerate(bar):
-            index = order[start:stop]
+            index = processes.share(order[start:stop])
             images, labels = data.train.images[index], data.train.labels[index]
             logits = model(images)
             loss = loss_fn(logits, labels)
@@ -375,7 +382,7 @@ def _epoch(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            count = stop - start
+            count = len(index)
             loss_sum += loss.detach() * count
             correct += (logits.argmax(dim=1) == labels).sum()
             seen += count
@@ -386,10 +393,13 @@ def _epoch(
     finally:
         bar.close()
     elapsed = time.perf_counter() - started
+    loss_sum, correct, seen = processes.sum(
+        torch.stack([loss_sum.double(), correct.double(), loss_sum.new_tensor(seen).double()])
+    ).tolist()
     return EpochMetrics(
         epoch=epoch,
-        train_loss=float(loss_sum) / seen,
-        train_acc=int(correct) / seen,
+        train_loss=loss_sum / seen,
+        train_acc=correct / seen,
         test_acc=math.nan,
         examples_per_sec=seen / max(elapsed, 1e-9),
         seconds=elapsed,
