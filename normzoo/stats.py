@@ -84,7 +84,7 @@ def global_batch_moments(
     mean = sums / safe
     var = (squares / safe - mean * mean).clamp_min(0.0)
     dtype = compute_dtype(x)
-    return mean.reshape(shape).to(dtype), var.reshape(shape).to(dtype), total
+    return mean.reshape(shape).to(dtype), var.reshape(shape).to(dtype), total.detach()
 
 
 def unbiased(biased: torch.Tensor, count: int | torch.Tensor) -> torch.Tensor:

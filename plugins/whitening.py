@@ -232,7 +232,7 @@ class GroupWhitening(NormBase):
         padded = F.pad(mean, (0, self.num_groups * self.group_size - self.num_features))
         centre = padded.reshape(self.num_groups, self.group_size)
         cov = outer / safe - centre.unsqueeze(-1) * centre.unsqueeze(-2)
-        return mean, cov, total
+        return mean, cov, total.detach()
 
     def _channel_view(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as ``(B, C, m)`` without copying a contiguous input: ``(N, C, positions)`` for
