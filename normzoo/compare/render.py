@@ -164,22 +164,34 @@ def _finals(plt, summaries: list[VariantSummary]):  # noqa: ANN001, ANN202
 
 def _affine(plt, summaries: list[VariantSummary]):  # noqa: ANN001, ANN202
     figure, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
-    colors = _colors(plt, len(summaries))
-    for offset, (summary, color) in enumerate(zip(summaries, colors, strict=True)):
+    learned = [s for s in summaries if any(r["affine"] for r in s.runs.values())]
+    layers: list[str] = []
+    for summary in learned:
+        for result in summary.runs.values():
+            layers += [name for name in result["affine"] if name not in layers]
+    colors = _colors(plt, max(1, len(learned)))
+    for offset, (summary, color) in enumerate(zip(learned, colors, strict=False)):
+        shift = 0.15 * (offset - (len(learned) - 1) / 2)
         for column, parameter in enumerate(("weight", "bias")):
             for seed_index, (_, result) in enumerate(sorted(summary.runs.items())):
-                layers = [n for n, v in result["affine"].items() if f"{parameter}_mean" in v]
-                means = [result["affine"][n][f"{parameter}_mean"] for n in layers]
-                stds = [result["affine"][n][f"{parameter}_std"] for n in layers]
-                x = [i + 0.15 * (offset - (len(summaries) - 1) / 2) for i in range(len(layers))]
-                axes[column].errorbar(x, means, yerr=stds, fmt="o", color=color, alpha=0.7,
-                                      label=summary.label if seed_index == 0 else None)  # fmt: skip
-                axes[column].set_xticks(range(len(layers)))
-                axes[column].set_xticklabels(layers, fontsize=8)
-    for column, title in enumerate(("gamma (weight): mean ± std over channels",
-                                    "beta (bias): mean ± std over channels")):  # fmt: skip
+                present = [n for n in layers if f"{parameter}_mean" in result["affine"].get(n, {})]
+                axes[column].errorbar(
+                    [layers.index(n) + shift for n in present],
+                    [result["affine"][n][f"{parameter}_mean"] for n in present],
+                    yerr=[result["affine"][n][f"{parameter}_std"] for n in present],
+                    fmt="o", color=color, alpha=0.7,
+                    label=summary.label if seed_index == 0 else None,
+                )  # fmt: skip
+    for column, (title, frozen) in enumerate(
+        (("gamma (weight): mean ± std over channels", 1.0),
+         ("beta (bias): mean ± std over channels", 0.0))
+    ):  # fmt: skip
+        axes[column].axhline(frozen, color="gray", linestyle="--", linewidth=1,
+                             label="initial (and frozen) value")  # fmt: skip
+        axes[column].set_xticks(range(len(layers)))
+        axes[column].set_xticklabels([f"norm {i + 1}\n(module {n})" for i, n in enumerate(layers)],
+                                     fontsize=8)  # fmt: skip
         axes[column].set_title(title, fontsize=10)
-        axes[column].set_xlabel("norm layer")
         axes[column].grid(True, alpha=0.3)
     axes[0].legend(fontsize=8)
     figure.tight_layout()
