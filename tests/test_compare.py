@@ -142,6 +142,21 @@ def test_compare_fills_the_section_and_check_catches_a_hand_edited_number(tmp_pa
     assert main(["compare", "--check", str(page)]) == 1
 
 
+def test_text_edited_while_the_runs_go_on_is_kept(tmp_path, monkeypatch):
+    page = write_page(tmp_path, TWO_ARMS)
+    import normzoo.compare as compare_module
+
+    real = compare_module.run_all
+
+    def edit_then_run(*args, **kwargs):
+        page.write_text(page.read_text().replace("The answer, by hand.", "Edited meanwhile."))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compare_module, "run_all", edit_then_run)
+    compare([page], QUIET)
+    assert "Edited meanwhile." in page.read_text() and check([page]) == []
+
+
 def test_check_reports_missing_runs_and_unknown_norms_without_training(tmp_path):
     page = write_page(tmp_path, TWO_ARMS)
     (problem,) = check([page])

@@ -26,6 +26,7 @@ from normzoo.compare.page import Page, PageError, Variant, find_pages, parse_pag
 from normzoo.compare.render import figure_paths, render_plots, render_section
 from normzoo.compare.summary import VariantSummary, summarize
 from normzoo.errors import NormzooError
+from normzoo.harness.runs import atomic_write_bytes
 
 __all__ = ["CompareConfig", "PageError", "check", "compare", "parse_shard"]
 
@@ -146,8 +147,12 @@ def compare(
             if config.smoke:
                 continue
             render_plots(page, summaries)
-            if section != page.generated:
-                page.path.write_text(page.with_generated(section))
+            # the page is read again: text edited while the runs went on stays as edited
+            fresh = parse_page(page.path)
+            if fresh.variants != page.variants or fresh.seeds != page.seeds:
+                say(f"{page.path}: its experiment changed while running; run again")
+            elif section != fresh.generated:
+                atomic_write_bytes(page.path, fresh.with_generated(section).encode())
                 say(f"{page.path}: results updated")
             else:
                 say(f"{page.path}: up to date")
