@@ -305,7 +305,7 @@ def test_eval_output_matches_the_population_transform(name, batch):
 
 def test_options_are_declared_and_checked():
     names = [option.name for option in normzoo.info("pit").options]
-    assert names == ["num_knots", "sample_size", "delta", "momentum", "affine"]
+    assert names == ["num_knots", "sample_size", "delta", "momentum", "affine", "sync"]
     assert normzoo.info("pit").version == "2"
     with pytest.raises(normzoo.OptionError):
         normzoo.build("pit", 3, layout="fc", num_knots=1)
