@@ -77,3 +77,19 @@ def test_a_process_that_dies_ends_the_run_with_an_error_naming_it(tmp_path, monk
     metrics = json.loads((run_directory(tmp_path / "runs") / "metrics.json").read_text())
     assert metrics["status"] == "failed" and "process 1 died" in metrics["message"]
     sys.modules.pop("normzoo_dies", None)
+
+
+def test_the_same_command_runs_under_torchrun(tmp_path):
+    """torchrun starts the processes; normzoo finds the process group in the environment."""
+    import os
+    import subprocess
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    command = [*torchrun, "-m", "normzoo", "run", *SMALL, "--runs-dir", str(tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("epoch  1:") == 1  # rank 0 reports, once
+    directory = run_directory(tmp_path)
+    assert json.loads((directory / "config.json").read_text())["processes"] == 2
+    assert json.loads((directory / "metrics.json").read_text())["status"] == "finished"
