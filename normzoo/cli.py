@@ -22,7 +22,10 @@ EPILOG = """examples:
   normzoo list                                  registered norms
   normzoo info batchnorm                        options, defaults and reference of a norm
   normzoo plugins                               loaded plugins and their load errors
+  normzoo run --norm zca --nproc 2              two processes, statistics over the whole batch
   normzoo bench --norms pit,batchnorm           cost as a ratio to torch's batch norm
+  normzoo compare docs/exercises/ --jobs 2      run what the pages declare, write the results in
+  normzoo compare --check docs/                 are the pages in step with the stored results?
 """
 
 
@@ -142,8 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--nproc", type=_positive_int, default=1, metavar="N",
         help="train on N local processes (DDP; gloo on CPU, NCCL on CUDA), each on its share of "
-        "every batch, the norms' statistics over the whole batch; the cores are split between "
-        "them. Under torchrun, leave it at 1: the processes come from torchrun",
+        "every batch; the norms with a sync option (batchnorm, zca, iternorm, pit) compute their "
+        "statistics over the whole batch, others (e.g. torch-batchnorm) per process; the cores "
+        "are split between them. Under torchrun, leave it at 1: the processes come from torchrun",
     )  # fmt: skip
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     run.set_defaults(handler=_run)
@@ -200,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         "<!-- normzoo:results:begin --> and <!-- normzoo:results:end -->. Runs every "
         "(variant, seed) not stored yet, storing each the moment it finishes (an interrupted "
         "comparison resumes where it stopped), then rewrites the generated sections (a table "
-        "with means, 95%% intervals and paired differences to the baseline) and the plots. "
+        "with means, 95% intervals and paired differences to the baseline) and the plots. "
         "See docs/exercises/ for pages.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -227,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"one seed, one epoch, {SMOKE_EXAMPLES} examples per variant; stores nothing and "
         "rewrites no page (a test that the pages run)",
     )  # fmt: skip
-    comparison.add_argument("--no-progress", dest="progress", action="store_false")
+    comparison.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress bar"
+    )
     comparison.set_defaults(handler=_compare)
     parser.set_defaults(command_parsers=commands.choices)
     return parser
@@ -273,6 +279,9 @@ def _compare(args: argparse.Namespace) -> int:
     from normzoo.compare import CompareConfig, check, compare, parse_shard
 
     if args.check:
+        if args.jobs != 1 or args.threads or args.shard is not None or args.smoke:
+            raise NormzooError("--check trains nothing: it takes no --jobs, --threads, --shard "
+                               "or --smoke")  # fmt: skip
         problems = check(args.paths)
         for problem in problems:
             print(problem, file=sys.stderr)
@@ -281,7 +290,7 @@ def _compare(args: argparse.Namespace) -> int:
     config = CompareConfig(
         jobs=args.jobs,
         threads=args.threads,
-        shard=parse_shard(args.shard) if args.shard else None,
+        shard=parse_shard(args.shard) if args.shard is not None else None,
         smoke=args.smoke,
         progress=args.progress,
     )

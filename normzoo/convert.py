@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
+from torch.nn.modules.lazy import LazyModuleMixin
 
 import normzoo
 from normzoo.errors import NormzooError
@@ -26,7 +27,10 @@ from normzoo.layouts import LAYOUT_NAMES
 log = logging.getLogger(__name__)
 
 #: The layout of each torch norm class when it cannot be read from the module itself.
-#: ``BatchNorm1d`` takes ``(N, C)`` or ``(N, C, L)``; it is taken as ``fc``, the common case.
+#: ``BatchNorm1d`` takes ``(N, C)`` or ``(N, C, L)``; it is taken as ``fc``, the common case;
+#: ``GroupNorm`` as ``conv``; ``LayerNorm(C)`` (over the last dimension) as ``seq``, tokens
+#: ``(N, L, C)``, and a ``LayerNorm`` over more dimensions as ``conv`` with the first as ``C``.
+#: A layer used otherwise (a ``LayerNorm(C)`` on ``(N, C)``) is left out with ``match``.
 TORCH_LAYOUTS: dict[type[nn.Module], str] = {
     nn.BatchNorm1d: "fc",
     nn.BatchNorm2d: "conv",
@@ -84,6 +88,11 @@ def _shape_of(name: str, module: nn.Module) -> tuple[int, str]:
 
 def _check_replaceable(name: str, module: nn.Module) -> None:
     label = name or "the model itself"
+    if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+        raise ConvertError(
+            f"{label} ({type(module).__name__}) is not initialised yet; run one forward pass "
+            "through the model before converting it"
+        )
     hooks = [
         kind
         for kind in (
@@ -120,11 +129,15 @@ def _inherited_options(module: nn.Module, declared: set[str], given: Mapping[str
 
 
 def _replacement(
-    name: str, module: nn.Module, norm: str, options: Mapping[str, Any], lost: list[str]
+    name: str,
+    module: nn.Module,
+    norm: str,
+    options: Mapping[str, Any],
+    lost: list[tuple[str, str]],
 ) -> nn.Module:
     """The new layer for ``module``, with what can be carried over carried over."""
-    _check_replaceable(name, module)
     features, layout = _shape_of(name, module)
+    _check_replaceable(name, module)
     declared = {option.name for option in normzoo.info(norm).options}
     resolved = {**_inherited_options(module, declared, options), **options}
     if layout not in normzoo.info(norm).layouts:
@@ -146,7 +159,7 @@ def _replacement(
                 new_value.copy_(old_value)
                 new_value.requires_grad_(old_value.requires_grad)
             elif isinstance(old_value, torch.Tensor):
-                lost.append(f"{name}.{parameter}")
+                lost.append((name, parameter))
         new_buffers = dict(new.named_buffers())
         for buffer, value in module.named_buffers():
             target = new_buffers.get(buffer)
@@ -155,7 +168,11 @@ def _replacement(
                 if hasattr(new, "running_stats_changed"):
                     new.running_stats_changed()
             elif value is not None and buffer in _RUNNING:
-                lost.append(f"{name}.{buffer}")
+                lost.append((name, buffer))
+    if getattr(module, "track_running_stats", True) is False and hasattr(
+        new, "running_stats_changed"
+    ):
+        lost.append((name, "batch statistics in eval (track_running_stats=False)"))
     new.train(module.training)
     return new
 
@@ -195,6 +212,11 @@ def convert(
     selected layer with hooks or a ``forward`` of its own (torch's converter drops both
     silently), or whose layout the norm does not support.
     """
+    if not isinstance(model, nn.Module) or not isinstance(name, str):
+        raise TypeError(
+            "convert(model, name, **options) takes the model first and the norm's name second, "
+            f"got {type(model).__name__} and {type(name).__name__}"
+        )
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         raise ConvertError(
             f"the model is wrapped in {type(model).__name__}; convert model.module, then wrap "
@@ -202,33 +224,43 @@ def convert(
         )
     normzoo.info(name)  # an unknown name fails before anything changes
     match = match or is_norm_layer
-    lost: list[str] = []
+    lost: list[tuple[str, str]] = []
     if match("", model):
         replacement = _replacement("", model, name, options, lost)
         _report([""], name, lost)
         return replacement
+    # every replacement is built before the first is put in: an error leaves the model as it was
     new_of: dict[int, nn.Module] = {}
+    places: list[tuple[nn.Module, str, nn.Module]] = []
     replaced: list[str] = []
-    for parent_name, parent in list(model.named_modules(remove_duplicate=False)):
-        for child_name, child in list(parent.named_children()):
+    for parent_name, parent in model.named_modules(remove_duplicate=False):
+        for child_name, child in parent.named_children():
             qualified = f"{parent_name}.{child_name}" if parent_name else child_name
-            if id(child) in new_of:
-                setattr(parent, child_name, new_of[id(child)])
-            elif match(qualified, child):
+            if id(child) not in new_of and match(qualified, child):
                 new_of[id(child)] = _replacement(qualified, child, name, options, lost)
-                setattr(parent, child_name, new_of[id(child)])
                 replaced.append(qualified)
+            if id(child) in new_of:
+                places.append((parent, child_name, child))
+    for parent, child_name, child in places:
+        setattr(parent, child_name, new_of[id(child)])
     _report(replaced, name, lost)
     return model
 
 
-def _report(replaced: list[str], name: str, lost: list[str]) -> None:
+def _report(replaced: list[str], name: str, lost: list[tuple[str, str]]) -> None:
     log.info("normzoo.convert: replaced %d layers by %r: %s", len(replaced), name,
              ", ".join(n or "(the model)" for n in replaced))  # fmt: skip
     if lost:
+        by_what: dict[str, list[str]] = {}
+        for layer, what in lost:
+            by_what.setdefault(what, []).append(layer or "(the model)")
+        parts = []
+        for what, layers in by_what.items():
+            more = f", ... {len(layers) - 3} more" if len(layers) > 3 else ""
+            parts.append(f"{what} of {len(layers)} layer(s) ({', '.join(layers[:3])}{more})")
         warnings.warn(
             f"normzoo.convert: replaced {len(replaced)} layers by {name!r}; could not carry "
-            f"over (no counterpart of the same shape): {', '.join(lost)}",
+            f"over (no counterpart of the same shape in {name!r}): {'; '.join(parts)}",
             ConvertWarning,
             stacklevel=3,
         )

@@ -80,9 +80,15 @@ def test_a_grid_times_a_variant_list_gives_labelled_variants(tmp_path):
         ("[base]\nlearning_rate = 1\n", "unknown setting 'learning_rate'"),
         ('baseline = "nope"\n', "unknown baseline 'nope'"),
         ("[grid]\nlr = 1.0\n", "[grid] lr must be a non-empty list"),
-        ("seeds = 2.5\n", "seeds must be a count or a list"),
+        ("seeds = 2.5\n", "seeds must be a count >= 1 or a list"),
         ("[base\n", "not valid TOML"),
         ('[[variant]]\nlabel = "a"\n[[variant]]\nlabel = "a"\n', "share the label 'a'"),
+        ("baseline = 1\n", "baseline must be a string"),
+        ('plots = "curves"\n', "plots must be a list"),
+        ("variant = [1, 2]\n", "variant must be an array of tables"),
+        ('[base]\nepochs = "one"\n', "epochs must be int, got 'one'"),
+        ("[base]\nlr = true\n", "lr must be int or float, got True"),
+        ("seeds = [true]\n", "seeds must be a count >= 1 or a list"),
     ],
 )
 def test_a_bad_experiment_block_is_one_error_naming_the_page_and_line(tmp_path, block, message):
@@ -155,6 +161,24 @@ def test_text_edited_while_the_runs_go_on_is_kept(tmp_path, monkeypatch):
     monkeypatch.setattr(compare_module, "run_all", edit_then_run)
     compare([page], QUIET)
     assert "Edited meanwhile." in page.read_text() and check([page]) == []
+
+
+def test_check_catches_what_no_run_could_use_and_files_that_are_not_results(tmp_path):
+    page = write_page(tmp_path, '[base]\nplacement = "everywhere"\n')
+    (problem,) = check([page])
+    assert problem.startswith(f"{page}:5:") and "unknown placement 'everywhere'" in problem
+    page = write_page(tmp_path, '[base]\nnorm = "groupnorm"\nnorm_options = {groups = 4}\n')
+    (problem,) = check([page])
+    assert "must divide num_features=6" in problem
+    page = write_page(tmp_path, TWO_ARMS.replace("seeds = 2", "seeds = 1"))
+    compare([page], QUIET)
+    stored = sorted((tmp_path / "results").glob("*.json"))[0]
+    stored.write_text("{}")
+    (problem,) = check([page])
+    assert f"{stored} is not a normzoo result" in problem and "delete it" in problem
+    assert check([tmp_path / "results"]) == [
+        f"no page with a ```normzoo experiment block in {tmp_path / 'results'}"
+    ]
 
 
 def test_check_reports_missing_runs_and_unknown_norms_without_training(tmp_path):

@@ -107,8 +107,20 @@ def test_wrapped_models_unknown_norms_and_unsupported_layouts_are_refused():
 
 def test_what_cannot_be_carried_over_is_listed_in_one_warning():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
-    with pytest.warns(ConvertWarning, match=r"1\.running_var") as caught:
+    with pytest.warns(ConvertWarning, match=r"running_var of 1 layer\(s\) \(1\)") as caught:
         convert(model, "zca")  # zca keeps running_mean, but a covariance, not a variance
-    assert "1.running_mean" not in str(caught[0].message)
-    with pytest.warns(ConvertWarning, match=r"1\.weight, 1\.bias"):
+    assert "running_mean" not in str(caught[0].message)
+    with pytest.warns(ConvertWarning, match=r"weight of 1 layer\(s\) \(1\); bias of 1"):
         convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), "pit", affine=False)
+    with pytest.warns(ConvertWarning, match=r"batch statistics in eval \(track_running_stats"):
+        convert(nn.BatchNorm2d(4, track_running_stats=False), "batchnorm")
+
+
+def test_a_failed_conversion_leaves_the_model_as_it_was():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.BatchNorm1d(4))
+    before = [type(m) for m in model]
+    with pytest.raises(ConvertError, match=r"^3 \(BatchNorm1d\) needs layout 'fc'"):
+        convert(model, "instancenorm")  # fine for the first, impossible for the second
+    assert [type(m) for m in model] == before
+    with pytest.raises(TypeError, match="takes the model first and the norm's name second"):
+        convert("batchnorm", model)

@@ -11,7 +11,6 @@ Modules: :mod:`~normzoo.compare.page` (the page and its experiment block),
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -20,18 +19,25 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from normzoo.compare.cache import ResultStore, resolved_config, run_key
 from normzoo.compare.execute import PendingRun, run_all
 from normzoo.compare.page import Page, PageError, Variant, find_pages, parse_page
 from normzoo.compare.render import figure_paths, render_plots, render_section
 from normzoo.compare.summary import VariantSummary, summarize
 from normzoo.errors import NormzooError
+from normzoo.harness.model import build_lenet
 from normzoo.harness.runs import atomic_write_bytes
 
 __all__ = ["CompareConfig", "PageError", "check", "compare", "parse_shard"]
 
 #: ``--smoke``: one seed and epoch per variant on this many training and test examples.
 SMOKE_EXAMPLES = 512
+_MODEL_SETTINGS = (
+    "norm", "norm_options", "activation", "placement", "bias_before_norm", "dropout",
+    "freeze_affine",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,10 @@ def _plan(page: Page, smoke_dir: Path | None = None) -> list[_PlannedRun]:
     planned = []
     seeds = page.seeds[:1] if smoke_dir else page.seeds
     for variant in page.variants:
+        try:  # a setting or option that no run could use fails here, before any training
+            build_lenet(**{k: v for k, v in variant.settings.items() if k in _MODEL_SETTINGS})
+        except NormzooError as error:
+            raise PageError(f"{page.where()}: variant {variant.label!r}: {error}") from None
         for seed in seeds:
             try:
                 config = variant.config(seed)
@@ -132,7 +142,8 @@ def compare(
             ordered = ordered[i - 1 :: k]
         todo = [run for run in ordered if not ResultStore(run.results_dir).has(run.key)]
         jobs = max(1, min(config.jobs, len(todo)))
-        threads = config.threads or max(1, (os.cpu_count() or 1) // jobs)
+        # torch's thread count honours OMP_NUM_THREADS; the jobs share it
+        threads = config.threads or max(1, torch.get_num_threads() // jobs)
         say(
             f"{len(ordered)} runs: {len(ordered) - len(todo)} stored, {len(todo)} to run "
             f"({jobs} process(es), {threads} thread(s) each)"
@@ -145,6 +156,7 @@ def compare(
                 continue
             section = render_section(page, summaries)
             if config.smoke:
+                say(f"{page.path}: smoke test passed ({len(plans[page.path])} runs)")
                 continue
             render_plots(page, summaries)
             # the page is read again: text edited while the runs went on stays as edited
@@ -197,14 +209,22 @@ def check(paths: Sequence[Path | str]) -> list[str]:
     generated section differs from what its stored results give (the first differing line).
     """
     problems = []
-    for path in find_pages(list(paths)):
+    pages = find_pages(list(paths))
+    if not pages:
+        searched = ", ".join(map(str, paths))
+        problems.append(f"no page with a ```normzoo experiment block in {searched}")
+    for path in pages:
         try:
             page = parse_page(path)
             planned = _plan(page)
         except PageError as error:
             problems.append(str(error))
             continue
-        summaries, missing = _summaries(page, planned)
+        try:
+            summaries, missing = _summaries(page, planned)
+        except NormzooError as error:
+            problems.append(f"{page.where()}: {error}")
+            continue
         if missing:
             problems.append(f"{page.where()}: {missing} of {len(planned)} runs are not stored; "
                             f"run normzoo compare {page.path}")  # fmt: skip

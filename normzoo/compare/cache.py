@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import normzoo
+from normzoo.errors import NormzooError
 from normzoo.harness.experiment import RunConfig
 from normzoo.harness.model import frozen_affine_options
 from normzoo.harness.runs import atomic_write_json
@@ -58,6 +59,10 @@ def run_key(resolved: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+class ResultFileError(NormzooError):
+    """A file in the results directory is not a stored result."""
+
+
 class ResultStore:
     """The result files of one directory: ``<key>.json`` each, written atomically."""
 
@@ -71,10 +76,22 @@ class ResultStore:
         return self.path(key).is_file()
 
     def load(self, key: str) -> dict[str, Any] | None:
+        """The stored result, ``None`` when there is none; :class:`ResultFileError` for a file
+        that is not a result (it names the file: delete it, and the run is redone)."""
         path = self.path(key)
         if not path.is_file():
             return None
-        return json.loads(path.read_text())
+        try:
+            result = json.loads(path.read_text())
+            if not isinstance(result, dict) or not isinstance(result["epochs"], list):
+                raise ValueError("no list of epochs")
+            result["status"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise ResultFileError(
+                f"{path} is not a normzoo result ({type(error).__name__}: {error}); delete it "
+                "and run normzoo compare again to redo that run"
+            ) from None
+        return result
 
     def save(self, key: str, result: dict[str, Any]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)

@@ -124,7 +124,10 @@ def find_pages(paths: list[Path | str]) -> list[Path]:
 def parse_page(path: Path | str) -> Page:
     """Read ``path`` and its experiment block; raises :class:`PageError` naming the line."""
     path = Path(path)
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise PageError(f"{path}: cannot be read as UTF-8 text: {error}") from None
     blocks = list(_FENCE.finditer(text))
     if len(blocks) != 1:
         raise PageError(
@@ -140,18 +143,25 @@ def parse_page(path: Path | str) -> Page:
     for key in spec:
         if key not in _TOP_KEYS:
             raise PageError(f"{where}: {suggest('experiment key', key, _TOP_KEYS)}")
+    for key in ("baseline", "results", "figures"):
+        if key in spec and not isinstance(spec[key], str):
+            raise PageError(f"{where}: {key} must be a string, got {spec[key]!r}")
     variants = _variants(spec, where)
     seeds = spec.get("seeds", 3)
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
+    if _is_int(seeds) and seeds >= 1:
         seeds = list(range(seeds))
-    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds)):
-        raise PageError(f"{where}: seeds must be a count or a list of integers, got {seeds!r}")
+    if not (isinstance(seeds, list) and seeds and all(_is_int(s) and s >= 0 for s in seeds)):
+        raise PageError(
+            f"{where}: seeds must be a count >= 1 or a list of integers >= 0, got {seeds!r}"
+        )
     labels = [v.label for v in variants]
     baseline = spec.get("baseline", labels[0])
     if baseline not in labels:
         raise PageError(f"{where}: {suggest('baseline', baseline, labels)}")
     plots = spec.get("plots", ["curves", "finals"])
-    for plot in plots if isinstance(plots, list) else [plots]:
+    if not isinstance(plots, list):
+        raise PageError(f'{where}: plots must be a list, e.g. ["curves", "finals"]')
+    for plot in plots:
         if plot not in PLOTS:
             raise PageError(f"{where}: {suggest('plot', str(plot), PLOTS)}")
     begin, end = text.find(BEGIN), text.find(END)
@@ -172,23 +182,42 @@ def parse_page(path: Path | str) -> Page:
     )
 
 
-def _settings(table: Any, where: str, what: str) -> dict[str, Any]:
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+#: The type each setting must have in a page (an int is also a float; a subset may be unset).
+_TYPES = {
+    f.name: {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}.get(
+        str(f.type).split(" |")[0], (dict,)
+    )
+    for f in fields(RunConfig)
+}
+
+
+def _settings(table: Any, where: str, what: str, grid: bool = False) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise PageError(f"{where}: {what} must be a table, got {table!r}")
-    for key in table:
+    for key, value in table.items():
         if key not in SETTINGS:
             raise PageError(f"{where}: {what}: {suggest('setting', key, SETTINGS)}")
+        for item in value if grid and isinstance(value, list) else [value]:
+            kinds = _TYPES[key]
+            wrong = not isinstance(item, kinds) or (bool not in kinds and isinstance(item, bool))
+            if wrong:
+                names = " or ".join(kind.__name__ for kind in kinds)
+                raise PageError(f"{where}: {what}: {key} must be {names}, got {item!r}")
     return dict(table)
 
 
 def _variants(spec: dict[str, Any], where: str) -> list[Variant]:
     base = _settings(spec.get("base", {}), where, "[base]")
-    grid = _settings(spec.get("grid", {}), where, "[grid]")
+    grid = _settings(spec.get("grid", {}), where, "[grid]", grid=True)
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise PageError(f"{where}: [grid] {key} must be a non-empty list, got {values!r}")
     listed = spec.get("variant", [{}])
-    if not isinstance(listed, list):
+    if not isinstance(listed, list) or not all(isinstance(entry, dict) for entry in listed):
         raise PageError(f"{where}: variant must be an array of tables ([[variant]])")
     variants: list[Variant] = []
     for combination in itertools.product(*grid.values()):
@@ -196,6 +225,8 @@ def _variants(spec: dict[str, Any], where: str) -> list[Variant]:
         for entry in listed:
             entry = dict(entry)
             label = entry.pop("label", None)
+            if label is not None and not isinstance(label, str):
+                raise PageError(f"{where}: a variant's label must be a string, got {label!r}")
             own = _settings(entry, where, "[[variant]]")
             settings = {**base, **from_grid, **own}
             if "norm_options" in settings and not isinstance(settings["norm_options"], dict):

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import normzoo
-from normzoo.harness.data import load_fashion_mnist
+from normzoo.harness.data import FashionMNIST, load_fashion_mnist
 from normzoo.harness.model import build_lenet, first_line, frozen_affine_options
 from normzoo.harness.processes import current, join_from_environment, launch, local_device
 from normzoo.harness.runs import METRICS, WEIGHTS, RunDirectory, check_runs_root, json_bytes
@@ -202,8 +202,9 @@ def run_experiment(
     SIGINT and SIGTERM are held off while the final files and the final status are written,
     so a run is either finished completely or recorded as interrupted.
     """
-    if config.nproc > 1:
+    if config.nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet one of the processes
         config.validate()
+        _prepare(config, resolve_device(config.device))  # bad input: one line, no processes
         return _launched(config, progress)
     with _sigterm_interrupts():
         try:
@@ -258,6 +259,31 @@ def _config_record(config: RunConfig, device: torch.device, train: int, test: in
     }
 
 
+def _prepare(config: RunConfig, device: torch.device) -> tuple[nn.Module, FashionMNIST, dict]:
+    """The model, the data on the device and the config record, after every check that can
+    be made before a run directory exists (the trial batch included)."""
+    check_runs_root(config.runs_dir)
+    torch.manual_seed(config.seed)
+    model = build_lenet(
+        config.norm, config.norm_options, config.activation, config.placement,
+        config.bias_before_norm, config.dropout, config.freeze_affine,
+    ).to(device)  # fmt: skip
+    data = load_fashion_mnist(config.data_dir, config.download)
+    data = data.subset(config.train_subset, config.test_subset).to(device)
+    if len(data.test) == 0:  # the loader refuses empty files; this guards other sources
+        raise NormzooError("the test set has 0 examples; accuracy would be meaningless")
+    batch_bounds(len(data.train), config.batch_size)
+    if config.nproc > 1 and config.batch_size < config.nproc:
+        raise NormzooError(
+            f"--batch-size {config.batch_size} cannot be shared by --nproc {config.nproc} "
+            "processes; use a batch at least as large as the number of processes"
+        )
+    probe_norms(model, data.train, config.batch_size, config.norm)
+    record_of_config = _config_record(config, device, len(data.train), len(data.test))
+    json_bytes(record_of_config)  # a non-finite option fails here, before the directory exists
+    return model, data, record_of_config
+
+
 def _run(config: RunConfig, progress: bool, on_epoch: Callable[[EpochMetrics], None]) -> RunResult:
     config.validate()
     device = resolve_device(config.device)
@@ -277,20 +303,7 @@ def _run_in_group(
 ) -> RunResult:
     processes = current()
     progress = progress and processes.main
-    check_runs_root(config.runs_dir)
-    torch.manual_seed(config.seed)
-    model = build_lenet(
-        config.norm, config.norm_options, config.activation, config.placement,
-        config.bias_before_norm, config.dropout, config.freeze_affine,
-    ).to(device)  # fmt: skip
-    data = load_fashion_mnist(config.data_dir, config.download)
-    data = data.subset(config.train_subset, config.test_subset).to(device)
-    if len(data.test) == 0:  # the loader refuses empty files; this guards other sources
-        raise NormzooError("the test set has 0 examples; accuracy would be meaningless")
-    batch_bounds(len(data.train), config.batch_size)
-    probe_norms(model, data.train, config.batch_size, config.norm)
-    record_of_config = _config_record(config, device, len(data.train), len(data.test))
-    json_bytes(record_of_config)  # a non-finite option fails here, before the directory exists
+    model, data, record_of_config = _prepare(config, device)
 
     trained: nn.Module = model
     if processes.world > 1:

@@ -16,7 +16,7 @@ import json
 import os
 import socket
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +118,7 @@ def _worker(
         if rank == 0:
             print(metrics.summary(), flush=True)
 
-    run_experiment(replace(config, nproc=1), progress=progress and rank == 0, on_epoch=report)
+    run_experiment(config, progress=progress and rank == 0, on_epoch=report)
 
 
 def launch(config: Any, progress: bool) -> Path:
