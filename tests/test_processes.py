@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+import normzoo
 from normzoo.cli import main
 from tests.conftest import install_fake_distribution
 
@@ -63,11 +64,15 @@ DIES_ON_RANK_1 = '''
 '''
 
 
-def test_a_process_that_dies_ends_the_run_with_an_error_naming_it(tmp_path, monkeypatch, capsys):
+def test_a_process_that_dies_ends_the_run_with_an_error_naming_it(
+    tmp_path, monkeypatch, capsys, request
+):
     site = install_fake_distribution(tmp_path / "site", "normzoo_dies", "normzoo_dies",
                                      DIES_ON_RANK_1, "dies")  # fmt: skip
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.setenv("NORMZOO_DIST_TIMEOUT", "30")
+    normzoo.default_registry.cache_clear()  # this process checks the run first: it must see it
+    request.addfinalizer(normzoo.default_registry.cache_clear)
     started = time.monotonic()
     status = main(["run", *SMALL, "--norm", "dies-on-rank-1", "--nproc", "2",
                    "--runs-dir", str(tmp_path / "runs")])  # fmt: skip
