@@ -19,6 +19,7 @@ from normzoo.harness.runs import atomic_write_bytes
 def _number(value: float, decimals: int = 3, sign: bool = False) -> str:
     if math.isnan(value):
         return "n/a"
+    value = round(value, decimals) + 0.0  # no "-0.000" for a difference that rounds to zero
     return f"{value:+.{decimals}f}" if sign else f"{value:.{decimals}f}"
 
 
