@@ -94,8 +94,9 @@ def test_affine_false_has_no_parameters_and_is_the_plain_normalization(norm):
     assert list(plain.parameters()) == [] and plain.weight is None and plain.bias is None
     affine = normzoo.build(norm, 4, layout="fc")
     affine.load_state_dict(plain.state_dict(), strict=False)
-    x = torch.randn(16, 4) * 3
-    torch.testing.assert_close(plain(x), affine(x))  # gamma 1 and beta 0 are the identity
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0)) * 3
+    # gamma 1 and beta 0 are the identity, up to float32 rounding in torch's fused kernels
+    torch.testing.assert_close(plain(x), affine(x), rtol=1e-5, atol=1e-5)
     assert "affine=False" in repr(plain)
 
 
