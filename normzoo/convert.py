@@ -138,12 +138,13 @@ def _replacement(
     """The new layer for ``module``, with what can be carried over carried over."""
     features, layout = _shape_of(name, module)
     _check_replaceable(name, module)
-    declared = {option.name for option in normzoo.info(norm).options}
+    declared_norm = normzoo.info(norm)
+    declared = {option.name for option in declared_norm.options}
     resolved = {**_inherited_options(module, declared, options), **options}
-    if layout not in normzoo.info(norm).layouts:
+    if layout not in declared_norm.layouts:
         raise ConvertError(
             f"{name or 'the model itself'} ({type(module).__name__}) needs layout {layout!r}, "
-            f"which norm {norm!r} does not support ({', '.join(normzoo.info(norm).layouts)})"
+            f"which norm {norm!r} does not support ({', '.join(declared_norm.layouts)})"
         )
     new = normzoo.build(norm, features, layout, **resolved)
     reference = next(iter(module.parameters()), None)
