@@ -1,6 +1,7 @@
 """`pit` (v2) against independent references: scipy's ranks for the train transform and its
 mid-p values at ties, a numpy re-implementation of the documented eval function, the running
-distribution function's update rule, and the population transform on seven kinds of channel."""
+distribution function's update rule, the population transform on seven kinds of channel, and
+torch operations (and autograd) for the fused CPU loops."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import torch
 from scipy import special, stats
 
 import normzoo
+from normzoo_plugins.pit import kernel
 from normzoo_plugins.pit.knots import slice_means
+from normzoo_plugins.pit.table import KnotTable
 
 from .pit_fidelity import BATCH_SIZES, DISTRIBUTIONS, batchnorm, fidelity
 
@@ -353,3 +356,90 @@ def test_a_pit_v1_state_dict_converts_to_the_same_distribution_function():
     p = torch.tensor([0.125, 0.375, 0.625, 0.875], dtype=torch.float64).expand(2, -1)
     torch.testing.assert_close(module.running_below, p)
     torch.testing.assert_close(module.running_at_or_below, p)
+
+
+# -- the fused CPU loops against the same function in torch operations -------------------------
+
+
+def run_both_paths(monkeypatch, layout, dtype, x, upstream):
+    """Train output, input and parameter gradients, and eval output on ``1.3 x`` (a NaN in
+    it), once through the fused loops and once through torch operations."""
+    results = []
+    for fused in (True, False):
+        with monkeypatch.context() as patch:
+            if not fused:
+                patch.setattr(kernel, "supports", lambda values: False)
+            torch.manual_seed(1)
+            module = normzoo.build("pit", x.shape[-1 if layout == "seq" else 1], layout=layout)
+            module = module.to(dtype)
+            x_grad = x.detach().clone().requires_grad_()
+            y = module(x_grad)
+            y.backward(upstream)
+            module.eval()
+            fresh = 1.3 * x.detach()
+            fresh.view(-1)[0] = float("nan")
+            results.append((y.detach(), x_grad.grad, module.weight.grad, module(fresh).detach()))
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layout", ["fc", "conv", "seq"])
+def test_fused_loops_compute_the_torch_operations_function(monkeypatch, layout, dtype):
+    shape = {"fc": (256, 5), "conv": (16, 3, 6, 6), "seq": (8, 12, 4)}[layout]
+    g = torch.Generator().manual_seed(5)
+    x = (2 * torch.randn(shape, generator=g) + 1).to(dtype)
+    x.view(-1)[::7] = 0.5  # an atom in every channel
+    x.view(-1)[3], x.view(-1)[5] = 1e4, -1e4  # far tails
+    upstream = torch.randn(shape, generator=g).to(dtype)
+    fused, reference = run_both_paths(monkeypatch, layout, dtype, x, upstream)
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-4
+    for got, expected in zip(fused, reference, strict=True):
+        assert torch.equal(got.isnan(), expected.isnan())
+        scale = expected.nan_to_num().abs().max().clamp_min(1)
+        assert (got - expected).nan_to_num().abs().max() <= tolerance * scale
+
+
+def knot_table(kind: str, channels: int = 3, k: int = 16) -> KnotTable:
+    g = torch.Generator().manual_seed(2)
+    knots = torch.randn(channels, k, generator=g, dtype=torch.float64).sort(dim=1).values
+    if kind == "atoms":  # runs of ties inside, at the lowest and at the highest knot
+        knots[0, 3:8] = knots[0, 3]
+        knots[1, :5] = knots[1, 0]
+        knots[2, -4:] = knots[2, -1]
+    below = torch.rand(channels, k, generator=g, dtype=torch.float64).sort(dim=1).values * 0.9
+    tied = torch.cat([knots[:, 1:] == knots[:, :-1], torch.zeros(channels, 1, dtype=bool)], 1)
+    at_or_below = below + 0.02 * tied
+    return KnotTable(knots.requires_grad_(), below + 0.05, at_or_below + 0.05, 1e-3)
+
+
+@pytest.mark.parametrize("cells", [8, 64])
+@pytest.mark.parametrize("kind", ["continuous", "atoms"])
+def test_fused_cell_table_and_its_backward_equal_autograd_of_the_torch_operations(kind, cells):
+    table = knot_table(kind)
+    fused = kernel.cell_table(table.knots, table.low, table.high, table.run_middle, cells)
+    reference = table._cell_table(cells)
+    g = torch.Generator().manual_seed(3)
+    upstream = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in reference]
+    gradients = []
+    for intercept, slope in (fused, reference):
+        torch.testing.assert_close(intercept, reference[0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(slope, reference[1], rtol=0, atol=1e-12)
+        loss = (intercept * upstream[0]).sum() + (slope * upstream[1]).sum()
+        gradients.append(torch.autograd.grad(loss, table.knots)[0])
+    torch.testing.assert_close(gradients[0], gradients[1], rtol=1e-10, atol=1e-10)
+    if kind == "continuous":  # with ties, a finite difference breaks them: no derivative there
+        knots = table.knots.detach().clone().requires_grad_()
+        assert torch.autograd.gradcheck(
+            lambda k: kernel.cell_table(k, table.low, table.high, table.run_middle, cells),
+            (knots,),
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("right", [False, True])
+def test_merge_search_equals_torch_searchsorted(right, dtype):
+    g = torch.Generator().manual_seed(4)
+    rows = torch.randint(0, 20, (5, 40), generator=g).to(dtype).sort(dim=1).values  # ties
+    points = torch.randint(-2, 23, (5, 30), generator=g).to(dtype).sort(dim=1).values
+    expected = torch.searchsorted(rows, points, right=right)
+    assert torch.equal(kernel.searchsorted(rows, points, right=right), expected)

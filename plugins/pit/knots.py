@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from normzoo.layouts import Layout
+from normzoo_plugins.pit.kernel import searchsorted
 
 
 def knot_probabilities(num_knots: int) -> torch.Tensor:
@@ -72,9 +73,9 @@ def in_tie_run(knots: torch.Tensor) -> torch.Tensor:
 
 
 def sample_table(sorted_sample: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Fractions of the sorted sample ``(C, m)`` below and at or below ``points`` ``(C, K)``."""
+    """Fractions of the sorted sample ``(C, m)`` below and at or below ``points`` ``(C, K)``
+    (sorted within each row)."""
     m = sorted_sample.shape[1]
-    sorted_sample, points = sorted_sample.contiguous(), points.contiguous()
-    below = torch.searchsorted(sorted_sample, points).to(sorted_sample.dtype) / m
-    at_or_below = torch.searchsorted(sorted_sample, points, right=True).to(sorted_sample.dtype) / m
+    below = searchsorted(sorted_sample, points).to(sorted_sample.dtype) / m
+    at_or_below = searchsorted(sorted_sample, points, right=True).to(sorted_sample.dtype) / m
     return below, at_or_below

@@ -13,6 +13,7 @@ from normzoo import distributed
 from normzoo.base import NormBase
 from normzoo.interface import AFFINE, MOMENTUM, SYNC, Option, check_batch_size, check_input
 from normzoo.stats import upcast
+from normzoo_plugins.pit import kernel
 from normzoo_plugins.pit.knots import (
     in_tie_run,
     knot_probabilities,
@@ -92,7 +93,7 @@ class PIT(NormBase):
         affine: bool = True,
         sync: bool = True,
     ) -> None:
-        self._eval_cache: dict[torch.dtype, Lookup] = {}
+        self._eval_cache: dict[torch.dtype, tuple[Lookup, kernel.FusedTable | None]] = {}
         super().__init__(num_features, layout, 1e-5, momentum, affine)
         self.sync = sync
         self.num_knots = num_knots
@@ -137,13 +138,16 @@ class PIT(NormBase):
             # a table finer than the batch costs more to build than it saves
             cells = min(self.cells, max(4 * self.num_knots, n // 8))
             lookup = table.lookup(cells)
+            y = lookup_transform(values, lookup, layout)
         else:
-            lookup = self._eval_lookup(values.dtype)
-        y = lookup_transform(values, lookup, layout)
+            lookup, fused = self._eval_lookup(values)
+            y = lookup_transform(values, lookup, layout, fused)
         return self.affine_transform(y).to(x.dtype)
 
-    def _eval_lookup(self, dtype: torch.dtype) -> Lookup:
-        """The running table's lookup, built once per dtype until the statistics change."""
+    def _eval_lookup(self, values: torch.Tensor) -> tuple[Lookup, kernel.FusedTable | None]:
+        """The running table's lookup (and its fused form on the CPU), built once per dtype
+        until the statistics change."""
+        dtype = values.dtype
         if dtype not in self._eval_cache:
             table = KnotTable(
                 self.running_knots.to(dtype),
@@ -151,7 +155,9 @@ class PIT(NormBase):
                 self.running_at_or_below.to(dtype),
                 self.delta,
             )
-            self._eval_cache[dtype] = table.lookup(self.cells)
+            lookup = table.lookup(self.cells)
+            fused = kernel.FusedTable(lookup, dtype) if kernel.supports(values) else None
+            self._eval_cache[dtype] = lookup, fused
         return self._eval_cache[dtype]
 
     def running_stats_changed(self) -> None:

@@ -3,12 +3,14 @@ hand-written backward."""
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any, NamedTuple
 
 import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from normzoo.layouts import Layout
+from normzoo_plugins.pit import kernel
 from normzoo_plugins.pit.knots import in_tie_run
 
 
@@ -31,13 +33,31 @@ class KnotTable:
     ) -> None:
         self.knots, self.below, self.at_or_below, self.delta = knots, below, at_or_below, delta
         self.low, self.high = _probit(below, delta), _probit(at_or_below, delta)
-        detached = knots.detach().contiguous()
-        first = torch.searchsorted(detached, detached)
-        last = torch.searchsorted(detached, detached, right=True) - 1
+        detached = knots.detach()
+        first = kernel.searchsorted(detached, detached)
+        last = kernel.searchsorted(detached, detached, right=True) - 1
         #: For each knot, the middle knot of its run of equal knots: all knots of a run stand
         #: for one point, and the middle one has sat on it longest.
         self.run_middle = (first + last) // 2
-        self.origin, self.start, self.slope = self._segments()
+
+    @cached_property
+    def _lines(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self._segments()
+
+    @property
+    def origin(self) -> torch.Tensor:
+        """Each segment's origin ``(C, K + 1)`` (see :meth:`_segments`)."""
+        return self._lines[0]
+
+    @property
+    def start(self) -> torch.Tensor:
+        """Each segment's value at its origin ``(C, K + 1)``."""
+        return self._lines[1]
+
+    @property
+    def slope(self) -> torch.Tensor:
+        """Each segment's slope ``(C, K + 1)``."""
+        return self._lines[2]
 
     def tie_probability(self) -> torch.Tensor:
         """``(F(x-) + F(x+)) / 2`` at each knot, read at the middle knot of its run."""
@@ -57,10 +77,9 @@ class KnotTable:
         k = knots.shape[1]
         width = knots[:, 1:] - knots[:, :-1]
         inner_slope = _ratio(low[:, 1:] - high[:, :-1], width)
-        detached = knots.detach().contiguous()
-        inner_lo = torch.searchsorted(detached, detached[:, :1].contiguous(), right=True)
-        inner_lo = inner_lo.clamp(max=k - 1)
-        inner_hi = (torch.searchsorted(detached, detached[:, -1:].contiguous()) - 1).clamp(min=0)
+        detached = knots.detach()
+        inner_lo = kernel.searchsorted(detached, detached[:, :1], right=True).clamp(max=k - 1)
+        inner_hi = (kernel.searchsorted(detached, detached[:, -1:]) - 1).clamp(min=0)
         low_slope = _ratio(
             low.gather(1, inner_lo) - high[:, :1], knots.gather(1, inner_lo) - knots[:, :1]
         )
@@ -73,11 +92,10 @@ class KnotTable:
         return origin, start, slope
 
     def probit_limits(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``Phi^-1(F(t-))`` and ``Phi^-1(F(t+))`` at ``points`` ``(C, m)``, differentiable in
-        the knots: the segment lines, and the two limits where a point sits on a knot."""
-        knots = self.knots.detach().contiguous()
-        points_c = points.detach().contiguous()
-        segment = torch.searchsorted(knots, points_c, right=True)
+        """``Phi^-1(F(t-))`` and ``Phi^-1(F(t+))`` at ``points`` ``(C, m)``, sorted within each
+        row, differentiable in the knots: the segment lines, and the two limits where a point
+        sits on a knot."""
+        segment = kernel.searchsorted(self.knots.detach(), points.detach(), right=True)
         origin = self.origin.gather(1, segment)
         inside = self.start.gather(1, segment) + (points - origin) * self.slope.gather(1, segment)
         tied = (segment > 0) & (points == origin)  # on the last knot of a run: segment - 1
@@ -87,7 +105,8 @@ class KnotTable:
         return lower, upper
 
     def cdf_limits(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``F(t-)`` and ``F(t+)`` at ``points``: :meth:`probit_limits` as probabilities."""
+        """``F(t-)`` and ``F(t+)`` at ``points`` (sorted within each row): :meth:`probit_limits`
+        as probabilities."""
         lower, upper = self.probit_limits(points)
         return torch.special.ndtr(lower), torch.special.ndtr(upper)
 
@@ -104,13 +123,10 @@ class KnotTable:
         channels = knots.shape[0]
         lowest, highest = knots[:, 0], knots[:, -1]
         width = (highest - lowest) / cells
-        steps = torch.arange(cells + 1, dtype=knots.dtype, device=knots.device)
-        edges = lowest.unsqueeze(1) + width.unsqueeze(1) * steps
-        left, right = self.probit_limits(edges)
-        cell_slope = _ratio(left[:, 1:] - right[:, :-1], width.unsqueeze(1).expand(-1, cells))
-        origin = torch.cat([lowest.unsqueeze(1), edges[:, :-1], highest.unsqueeze(1)], dim=1)
-        start = torch.cat([self.low[:, :1], right[:, :-1], self.high[:, -1:]], dim=1)
-        slope = torch.cat([self.slope[:, :1], cell_slope, self.slope[:, -1:]], dim=1)
+        if kernel.supports(knots):
+            intercept, slope = kernel.cell_table(knots, self.low, self.high, self.run_middle, cells)
+        else:
+            intercept, slope = self._cell_table(cells)
         detached = knots.detach()
         new_value = torch.ones_like(detached, dtype=torch.bool)
         new_value[:, 1:] = detached[:, 1:] != detached[:, :-1]
@@ -126,12 +142,28 @@ class KnotTable:
             scale=torch.where(width > 0, 1.0 / width.clamp_min(tiny), 1.0 / tiny).detach(),
             first_row=offsets,
             last_row=offsets + (cells + 1),
-            intercept=(start - origin * slope).reshape(-1),
+            intercept=intercept.reshape(-1),
             slope=slope.reshape(-1),
             atoms=torch.where(atom_starts, detached, float("nan")).gather(1, order),
             tie_values=_probit(self.tie_probability(), self.delta).detach().gather(1, order),
             limit=-float(torch.special.ndtri(torch.tensor(self.delta, dtype=torch.float64))),
         )
+
+    def _cell_table(self, cells: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Intercepts and slopes ``(C, cells + 2)`` of :meth:`lookup`'s rows, with torch
+        operations (autograd differentiates them); :func:`kernel.cell_table` is the same on the
+        CPU."""
+        knots = self.knots
+        lowest, highest = knots[:, 0], knots[:, -1]
+        width = (highest - lowest) / cells
+        steps = torch.arange(cells + 1, dtype=knots.dtype, device=knots.device)
+        edges = lowest.unsqueeze(1) + width.unsqueeze(1) * steps
+        left, right = self.probit_limits(edges)
+        cell_slope = _ratio(left[:, 1:] - right[:, :-1], width.unsqueeze(1).expand(-1, cells))
+        origin = torch.cat([lowest.unsqueeze(1), edges[:, :-1], highest.unsqueeze(1)], dim=1)
+        start = torch.cat([self.low[:, :1], right[:, :-1], self.high[:, -1:]], dim=1)
+        slope = torch.cat([self.slope[:, :1], cell_slope, self.slope[:, -1:]], dim=1)
+        return start - origin * slope, slope
 
 
 def _ratio(rise: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
@@ -161,9 +193,23 @@ class Lookup(NamedTuple):
     limit: float
 
 
-def lookup_transform(x: torch.Tensor, lookup: Lookup, layout: Layout) -> torch.Tensor:
+def lookup_transform(
+    x: torch.Tensor, lookup: Lookup, layout: Layout, fused: kernel.FusedTable | None = None
+) -> torch.Tensor:
     """``y`` of ``x`` (``layout``, compute dtype) through ``lookup``; differentiable in ``x``
-    and in the lookup's intercepts and slopes."""
+    and in the lookup's intercepts and slopes.
+
+    On the CPU (float32, float64) one fused loop per direction does the work
+    (:mod:`~normzoo_plugins.pit.kernel`; ``fused`` is its form of the table, built here when not
+    given); elsewhere the torch operations below compute the same function.
+    """
+    intercept, slope = lookup.intercept.to(x.dtype), lookup.slope.to(x.dtype)
+    if kernel.supports(x):
+        channels = lookup.lowest.shape[0]
+        rows_last = layout.channels_last or x.dim() == 2
+        values = x.reshape(-1, channels, 1) if rows_last else x.flatten(2)
+        fused = fused or kernel.FusedTable(lookup, x.dtype)
+        return _FusedLookup.apply(values.contiguous(), intercept, slope, fused).view(x.shape)
     shape = layout.channel_shape(lookup.lowest.shape[0])
 
     def per_channel(values: torch.Tensor) -> torch.Tensor:
@@ -179,13 +225,34 @@ def lookup_transform(x: torch.Tensor, lookup: Lookup, layout: Layout) -> torch.T
     for column in range(lookup.atoms.shape[1]):
         tie = x == per_channel(lookup.atoms[:, column])
         ties = tie if ties is None else ties | tie
-    y = _TableLookup.apply(
-        x, index, lookup.intercept.to(x.dtype), lookup.slope.to(x.dtype), ties, lookup.limit
-    )
+    y = _TableLookup.apply(x, index, intercept, slope, ties, lookup.limit)
     for column in range(lookup.atoms.shape[1]):
         value = per_channel(lookup.tie_values[:, column])
         y = torch.where(x == per_channel(lookup.atoms[:, column]), value, y)
     return y
+
+
+class _FusedLookup(torch.autograd.Function):
+    """:class:`_TableLookup`'s function and gradients, computed by the fused CPU loops; only
+    the input is kept for the backward, which recomputes each value's row."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx,
+        values: torch.Tensor,
+        intercept: torch.Tensor,
+        slope: torch.Tensor,
+        fused: kernel.FusedTable,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(values, intercept, slope)
+        ctx.fused = fused
+        return kernel.forward(values, fused, intercept, slope)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        values, intercept, slope = ctx.saved_tensors
+        return (*kernel.backward(grad, values, ctx.fused, intercept, slope), None)
 
 
 class _TableLookup(torch.autograd.Function):
