@@ -24,7 +24,10 @@ short.
 Per value, the transform is one table lookup: the knot transform is tabulated on ``16 K`` equal
 cells between the outer knots (:class:`Lookup`; exact at every cell edge, linear in between),
 so a value finds its line by ``floor((x - x_1) / cell width)`` instead of a binary search among
-the knots, which costs about 100 times an addition on a CPU.
+the knots, which costs about 100 times an addition on a CPU. On the CPU, loops compiled with
+numba (:mod:`~normzoo_plugins.pit.kernel`) do the per-value work, build the table from the
+knots (with its derivative written out) and search sorted rows; elsewhere torch operations
+compute the same function.
 
 Train mode takes the table from the batch (``n`` values per channel)::
 
