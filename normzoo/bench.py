@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,7 +38,7 @@ import normzoo
 from normzoo.errors import NormzooError, suggest
 from normzoo.harness.data import load_fashion_mnist
 from normzoo.harness.model import build_lenet
-from normzoo.harness.runs import atomic_write_json
+from normzoo.harness.runs import atomic_write_json, machine_description
 from normzoo.harness.train import resolve_device
 
 # torch.utils.benchmark imports cpp_extension, which warns about CUDA_HOME on CPU machines
@@ -277,24 +278,27 @@ def format_table(results: Sequence[Measurement], config: BenchConfig) -> str:
     return "\n".join(lines)
 
 
-def write_json(
-    path: Path | str,
+def to_json(
     results: Sequence[Measurement],
     config: BenchConfig,
     pipeline: EndToEnd | None = None,
-) -> None:
-    """The results and the settings as JSON, written atomically."""
-    atomic_write_json(
-        Path(path).expanduser(),
-        {
-            "config": asdict(config),
-            "torch": torch.__version__,
-            "results": [asdict(m) | {"noisy": m.noisy} for m in results],
-            "end_to_end": None
-            if pipeline is None
-            else asdict(pipeline) | {"ratio": pipeline.ratio},
-        },
-    )
+    command: str = "normzoo bench",
+) -> dict[str, Any]:
+    """The results, the settings, the machine and the command that measured them, as a
+    JSON-ready dict (what ``--json`` writes and ``--page`` stores)."""
+    return {
+        "command": command,
+        "machine": machine_description(),
+        "config": asdict(config),
+        "torch": torch.__version__,
+        "results": [asdict(m) | {"noisy": m.noisy} for m in results],
+        "end_to_end": None if pipeline is None else asdict(pipeline) | {"ratio": pipeline.ratio},
+    }
+
+
+def write_json(path: Path | str, data: dict[str, Any]) -> None:
+    """:func:`to_json`'s dict, written atomically."""
+    atomic_write_json(Path(path).expanduser(), data)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import sys
 import textwrap
@@ -194,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=_positive_int, default=7, help="alternating rounds")
     bench.add_argument("--quick", action="store_true", help="3 short rounds: a smoke test")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    bench.add_argument(
+        "--page", metavar="PAGE.md",
+        help="store the results as PAGE.bench.json and rewrite the page's section between "
+        "<!-- normzoo:bench:begin --> and <!-- normzoo:bench:end --> from them (checked by "
+        "normzoo compare --check)",
+    )  # fmt: skip
     bench.set_defaults(handler=_bench)
 
     comparison = commands.add_parser(
@@ -247,8 +254,19 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from normzoo.bench import CASES, BenchConfig, end_to_end, format_table, run_bench, write_json
+    from normzoo import bench_page
+    from normzoo.bench import (
+        CASES,
+        BenchConfig,
+        end_to_end,
+        format_table,
+        run_bench,
+        to_json,
+        write_json,
+    )
 
+    if args.page:
+        bench_page.require_section(args.page)
     config = BenchConfig(
         norms=args.norms or (), cases=args.cases or CASES, batch_size=args.batch_size,
         threads=args.threads, device=args.device, rounds=args.rounds, quick=args.quick,
@@ -269,9 +287,13 @@ def _bench(args: argparse.Namespace) -> int:
             f"harness {pipeline.harness_examples_per_sec:,.0f} examples/s, textbook DataLoader "
             f"pipeline {pipeline.textbook_examples_per_sec:,.0f}: {pipeline.ratio:.2f}x"
         )
+    data = to_json(results, config, pipeline, shlex.join(["normzoo", *args.argv]))
     if args.json:
-        write_json(args.json, results, config, pipeline)
+        write_json(args.json, data)
         print(f"results: {args.json}")
+    if args.page:
+        stored = bench_page.write(args.page, data)
+        print(f"section of {args.page} rewritten from {stored}")
     return 0
 
 
@@ -414,6 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if unknown:  # reported by the command's parser, which names the command's --help
         args.command_parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:

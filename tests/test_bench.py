@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import normzoo
+from normzoo import bench_page
 from normzoo.bench import (
     BASELINE,
     CASES,
@@ -90,3 +91,67 @@ def test_the_command_line_prints_a_table_and_writes_json(tmp_path, capsys):
 def test_bad_settings_are_one_line(config, message):
     with pytest.raises(normzoo.NormzooError, match=message):
         run_bench(config)
+
+
+# -- the generated section of a page (docs/performance.md) -----------------------------------------
+
+
+def stored(norms=("batchnorm", "pit"), end_to_end=True) -> dict:
+    """A measurement as ``to_json`` lays it out, with round numbers."""
+    results = []
+    for i, norm in enumerate(norms):
+        for case, ms in (("lenet-train", 30.0), ("lenet-eval", 8.0), ("fc1-train", 1.0)):
+            ratio = 1.5 + i
+            results.append({
+                "norm": norm, "case": case, "seconds": ms * ratio / 1e3,
+                "baseline_seconds": ms / 1e3, "ratio": ratio, "spread": 0.2 if i else 0.05,
+                "rounds": 5, "saved_bytes": 3 * 2**20 if case.endswith("train") else None,
+                "baseline_saved_bytes": 2**20 if case.endswith("train") else None,
+                "peak_bytes": None,
+            })  # fmt: skip
+    return {
+        "command": "normzoo bench --rounds 5", "machine": "a CPU, 2 cores", "torch": "2.x",
+        "config": {"batch_size": 256, "threads": 2, "device": "cpu"}, "results": results,
+        "end_to_end": {"norm": "batchnorm", "examples": 60000, "ratio": 2.0,
+                       "harness_examples_per_sec": 9000.0, "textbook_examples_per_sec": 4500.0}
+        if end_to_end else None,
+    }  # fmt: skip
+
+
+def test_the_section_is_rendered_from_the_stored_measurement_alone():
+    text = bench_page.render(stored())
+    assert "Measured by `normzoo bench --rounds 5` on a CPU, 2 cores, torch 2.x" in text
+    assert "5 alternating rounds" in text
+    assert "| `batchnorm` | 45.0 | 1.50 | 12.0 | 1.50 | 3.0 MiB (3.00) |" in text
+    assert "| `pit` | 75.0 | 2.50 (noisy) | 20.0 | 2.50 (noisy) | 3.0 MiB (3.00) |" in text
+    assert "| norm | fc1 train |" in text and "| `pit` | 2.50 (noisy) |" in text
+    assert "| harness | 9,000 |" in text and "| ratio | **2.00** |" in text
+    assert "End to end" not in bench_page.render(stored(end_to_end=False))
+
+
+def test_bench_writes_the_page_section_and_compare_check_holds_it_to_the_stored_json(tmp_path):
+    page = tmp_path / "performance.md"
+    page.write_text(f"# Costs\n\nprose\n\n{bench_page.BEGIN}\n{bench_page.END}\n\nmore prose\n")
+    command = ["bench", "--norms", "layernorm", "--cases", "lenet-train,fc2-eval",
+               "--batch-size", "16", "--threads", "1", "--quick", "--page", str(page)]  # fmt: skip
+    assert main(command) == 0
+    data = json.loads(bench_page.stored_path(page).read_text())
+    assert data["command"] == "normzoo " + " ".join(command)
+    text = page.read_text()
+    assert text.startswith("# Costs\n\nprose\n") and text.endswith("\n\nmore prose\n")
+    assert bench_page.render(data) in text and "| `layernorm` |" in text
+    assert main(["compare", "--check", str(tmp_path)]) == 0
+    page.write_text(text.replace("| `layernorm` | ", "| `layernorm` | 9"))  # a hand edit
+    problems = bench_page.check([tmp_path])
+    assert len(problems) == 1 and "performance.md:" in problems[0] and "differs" in problems[0]
+    assert main(["compare", "--check", str(page)]) == 1
+
+
+def test_a_page_without_the_markers_is_refused_before_anything_is_measured(tmp_path, capsys):
+    page = tmp_path / "plain.md"
+    page.write_text("# no markers\n")
+    assert main(["bench", "--norms", "layernorm", "--quick", "--page", str(page)]) == 2
+    assert "needs the markers <!-- normzoo:bench:begin -->" in capsys.readouterr().err
+    assert not bench_page.stored_path(page).exists()
+    assert main(["bench", "--quick", "--page", str(tmp_path / "missing.md")]) == 2
+    assert "cannot read the page" in capsys.readouterr().err

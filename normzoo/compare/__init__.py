@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from normzoo import bench_page
 from normzoo.compare.cache import ResultStore, resolved_config, run_key
 from normzoo.compare.execute import PendingRun, run_all
 from normzoo.compare.page import Page, PageError, Variant, find_pages, parse_page
@@ -206,11 +207,13 @@ def check(paths: Sequence[Path | str]) -> list[str]:
 
     Renders every page from its stored results only, never trains. A problem is a page that
     cannot be parsed, names an unknown norm or option, misses a run, lacks a plot, or whose
-    generated section differs from what its stored results give (the first differing line).
+    generated section differs from what its stored results give (the first differing line);
+    also a ``normzoo bench`` section that differs from its stored measurement
+    (:func:`normzoo.bench_page.check`).
     """
-    problems = []
+    problems = bench_page.check(list(paths))
     pages = find_pages(list(paths))
-    if not pages:
+    if not pages and not bench_page.find_pages(list(paths)):
         searched = ", ".join(map(str, paths))
         problems.append(f"no page with a ```normzoo experiment block in {searched}")
     for path in pages:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import platform
 import signal
 import tempfile
 import threading
@@ -22,6 +21,7 @@ import torch
 from normzoo.compare.cache import ResultStore, resolved_config
 from normzoo.harness.experiment import RunConfig, run_experiment
 from normzoo.harness.model import norm_modules
+from normzoo.harness.runs import machine_description
 
 
 @dataclass(frozen=True)
@@ -32,19 +32,6 @@ class PendingRun:
     config: RunConfig
     key: str
     results_dir: Path
-
-
-def machine_description() -> str:
-    """The CPU model (or the GPU's name for a CUDA run) and the core count, for the pages."""
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores"
 
 
 def affine_summary(model: torch.nn.Module) -> dict[str, dict[str, float]]:

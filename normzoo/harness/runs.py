@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import platform
 import re
 import tempfile
 from datetime import datetime
@@ -200,3 +201,16 @@ class RunDirectory:
         figure.savefig(buffer, format="png")
         plt.close(figure)
         atomic_write_bytes(self.path / CURVES, buffer.getvalue())
+
+
+def machine_description() -> str:
+    """The CPU model (or the GPU's name for a CUDA run) and the core count, for the pages."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores"
