@@ -5,6 +5,8 @@ torch operations (and autograd) for the fused CPU loops."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -443,3 +445,44 @@ def test_merge_search_equals_torch_searchsorted(right, dtype):
     points = torch.randint(-2, 23, (5, 30), generator=g).to(dtype).sort(dim=1).values
     expected = torch.searchsorted(rows, points, right=right)
     assert torch.equal(kernel.searchsorted(rows, points, right=right), expected)
+
+
+def test_knots_are_sorted_next_to_a_run_of_ties_despite_rounding():
+    g = torch.Generator().manual_seed(0)
+    x = 1e4 + 1e-5 * torch.randn(2000, 64, generator=g, dtype=torch.float64)
+    x[:700] = x[0]  # an atom in every channel, far from zero: the running sums round
+    knots = slice_means(x.t().sort(dim=1).values, 64)
+    assert (knots[:, 1:] >= knots[:, :-1]).all()
+
+
+@pytest.mark.parametrize("right", [False, True])
+def test_merge_search_falls_back_to_torch_for_unsorted_points_and_nan(right):
+    rows = torch.tensor([[0.0, 1.0, 1.0, 2.0, 3.0]] * 2, dtype=torch.float64)
+    points = torch.tensor([[2.5, 0.5, 1.0], [0.5, float("nan"), 1.0]], dtype=torch.float64)
+    expected = torch.searchsorted(rows, points, right=right)
+    assert torch.equal(kernel.searchsorted(rows, points, right=right), expected)
+
+
+def test_eval_with_gradients_after_an_inference_mode_pass():
+    module = build("conv", 3)
+    module(sample((8, 3, 4, 4), 1))
+    module.eval()
+    with torch.inference_mode():
+        module(sample((8, 3, 4, 4), 2))  # fills the eval cache with inference tensors
+    x = sample((8, 3, 4, 4), 3).requires_grad_()
+    module(x).sum().backward()  # a saliency map, say
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_can_run_pit_after_its_parent_did():
+    module = build("fc", 4)
+    module(sample((64, 4), 0))
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if pit runs
+        try:
+            module(sample((64, 4), 1))
+        finally:
+            os._exit(0 if module.num_batches_tracked == 2 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

@@ -13,28 +13,58 @@ of the table, so no two threads write the same row.
 
 **The searches.** ``torch.searchsorted`` over a batch of short rows costs about 75 ns per point
 on this project's CPU (a hundred channels of 64 knots: half a millisecond), and a training
-step of one layer searches nine times. The points ``pit`` searches for are sorted within each
-row (knots, cell edges), so one merge pass per row finds them all.
+step of one layer searched nine times. The points ``pit`` searches for are sorted within each
+row (knots, cell edges), so one merge pass per row finds them all; other points go to
+``torch.searchsorted``.
+
+**Threads.** The parallel loops use numba's ``workqueue`` threading layer (unless
+``NUMBA_THREADING_LAYER`` says otherwise): it is present everywhere and safe in a forked
+child, where the GNU OpenMP layer kills the child. It runs one parallel loop at a time, so a
+lock serializes calls from several Python threads. Without numba, :func:`supports` is false
+and torch operations do all the work.
 
 ``tests/test_pit.py`` checks both against their torch equivalents.
 """
 
 from __future__ import annotations
 
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-import numba
 import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
+
+try:
+    import numba
+except ImportError:  # pragma: no cover (numba is a dependency; without it torch does the work)
+    numba = None
+
+if numba is not None and "NUMBA_THREADING_LAYER" not in os.environ:
+    # numba's own work queue: present everywhere and safe in forked children (the GNU OpenMP
+    # layer kills a child that forks from a process that used it); it runs one parallel loop
+    # at a time, which _parallel() ensures
+    numba.config.THREADING_LAYER = "workqueue"
 
 #: The per-value loops run in parallel over channels; the per-channel ones (tables of a few
 #: hundred entries) on one thread, which also compiles several times faster.
 _JIT = {"nogil": True, "parallel": True, "cache": True}
 _JIT_SMALL = {"nogil": True, "cache": True}
+_PARALLEL_LOOP = threading.Lock()
 
 
-@numba.njit(inline="always")
+def _njit(*args: Any, **options: Any) -> Any:
+    """``numba.njit``, or without numba the plain function (never called: see
+    :func:`supports`)."""
+    if numba is not None:
+        return numba.njit(*args, **options)
+    return args[0] if args else (lambda function: function)
+
+
+@_njit(inline="always")
 def _atom(value, atoms, c):  # pragma: no cover (compiled)
     """Which of channel ``c``'s atoms ``value`` equals, or -1."""
     for a in range(atoms.shape[1]):
@@ -43,7 +73,7 @@ def _atom(value, atoms, c):  # pragma: no cover (compiled)
     return -1
 
 
-@numba.njit(**_JIT)
+@_njit(**_JIT)
 def _forward(x, scale, shift, first, last, intercept, slope, atoms, tie_values, limit, y):
     n, channels, positions = x.shape
     has_atoms = atoms.shape[1] > 0
@@ -71,7 +101,7 @@ def _forward(x, scale, shift, first, last, intercept, slope, atoms, tie_values, 
                         y[i, c, p] = tie_values[c, atom]
 
 
-@numba.njit(**_JIT)
+@_njit(**_JIT)
 def _backward(
     grad, x, scale, shift, first, last, intercept, slope, atoms, limit, grad_x, sums
 ):  # pragma: no cover (compiled)
@@ -106,13 +136,16 @@ def _backward(
                 grad_x[i, c, p] = through * slope[r]
 
 
-@numba.njit(**_JIT_SMALL)
+@_njit(**_JIT_SMALL)
 def _merge_search(rows, points, right, out):  # pragma: no cover (compiled)
+    """False, leaving ``out`` unfinished, at the first point below its predecessor (or NaN)."""
     channels, length = rows.shape
     for c in range(channels):
         j = 0
         for q in range(points.shape[1]):
             point = points[c, q]
+            if point != point or (q > 0 and point < points[c, q - 1]):
+                return False
             if right:
                 while j < length and rows[c, j] <= point:
                     j += 1
@@ -120,9 +153,10 @@ def _merge_search(rows, points, right, out):  # pragma: no cover (compiled)
                 while j < length and rows[c, j] < point:
                     j += 1
             out[c, q] = j
+    return True
 
 
-@numba.njit(inline="always")
+@_njit(inline="always")
 def _segment_lines(x, low, high):  # pragma: no cover (compiled)
     """One channel's segment lines ``(origin, start, slope)``, each ``K + 1`` long, as
     :meth:`~normzoo_plugins.pit.table.KnotTable._segments` defines them, and the two knots the
@@ -150,7 +184,7 @@ def _segment_lines(x, low, high):  # pragma: no cover (compiled)
     return origin, start, slope, inner_lo, inner_hi
 
 
-@numba.njit(inline="always")
+@_njit(inline="always")
 def _edge_limits(x, low, high, middle, width, steps, origin, start, slope):  # pragma: no cover
     """At each cell edge ``e_b = x_1 + b * width``: the number of knots at or below it, whether
     it sits on a knot, and ``Phi^-1(F(e-))``, ``Phi^-1(F(e+))``."""
@@ -173,7 +207,7 @@ def _edge_limits(x, low, high, middle, width, steps, origin, start, slope):  # p
     return segment, on_knot, left, right
 
 
-@numba.njit(**_JIT_SMALL)
+@_njit(**_JIT_SMALL)
 def _cells_forward(
     knots, low, high, middle, width, steps, intercept, slope
 ):  # pragma: no cover (compiled)
@@ -196,7 +230,7 @@ def _cells_forward(
         intercept[c, cells + 1] = high[c, k - 1] - x[k - 1] * seg_slope[k]
 
 
-@numba.njit(**_JIT_SMALL)
+@_njit(**_JIT_SMALL)
 def _cells_backward(
     knots, low, high, middle, width, steps, grad_intercept, grad_slope, grad_knots
 ):  # pragma: no cover (compiled)
@@ -258,26 +292,33 @@ def _cells_backward(
 
 
 def supports(x: torch.Tensor) -> bool:
-    """Whether the fused loops handle ``x``: float32 or float64 on the CPU."""
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    """Whether the fused loops handle ``x``: float32 or float64 on the CPU, numba installed."""
+    cpu = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    return cpu and numba is not None
 
 
-def _threads() -> None:
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+@contextmanager
+def _parallel() -> Iterator[None]:
+    """Around a parallel loop: one at a time per process (two Python threads may call ``pit``
+    at once), with torch's thread count."""
+    with _PARALLEL_LOOP:
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        yield
 
 
 def searchsorted(rows: torch.Tensor, points: torch.Tensor, right: bool = False) -> torch.Tensor:
-    """``torch.searchsorted(rows, points, right=right)`` for ``points`` sorted within each row
-    (``(C, m)`` and ``(C, q)``): one merge pass per row on the CPU."""
-    if not (supports(rows) and rows.dtype == points.dtype and rows.dim() == 2):
-        return torch.searchsorted(rows.contiguous(), points.contiguous(), right=right)
-    out = torch.empty(points.shape, dtype=torch.long)
-    _threads()
-    _merge_search(
-        rows.detach().contiguous().numpy(), points.detach().contiguous().numpy(), right,
-        out.numpy(),
-    )  # fmt: skip
-    return out
+    """``torch.searchsorted(rows, points, right=right)`` for sorted ``rows`` ``(C, m)`` and
+    points ``(C, q)``: one merge pass per row on the CPU when the points are sorted within each
+    row, as ``pit``'s are; ``torch.searchsorted`` itself when they are not (or hold a NaN)."""
+    if supports(rows) and rows.dtype == points.dtype and rows.dim() == 2:
+        out = torch.empty(points.shape, dtype=torch.long)
+        merged = _merge_search(
+            rows.detach().contiguous().numpy(), points.detach().contiguous().numpy(), right,
+            out.numpy(),
+        )  # fmt: skip
+        if merged:
+            return out
+    return torch.searchsorted(rows.contiguous(), points.contiguous(), right=right)
 
 
 def _numpy(tensor: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
@@ -304,12 +345,12 @@ def forward(
 ) -> torch.Tensor:
     """``y`` for ``x`` viewed as ``(N, C, P)`` (contiguous)."""
     y = torch.empty_like(x)
-    _threads()
-    _forward(
-        x.detach().numpy(), table.scale, table.shift, table.first, table.last,
-        intercept.detach().numpy(), slope.detach().numpy(),
-        table.atoms, table.tie_values, table.limit, y.numpy(),
-    )  # fmt: skip
+    with _parallel():
+        _forward(
+            x.detach().numpy(), table.scale, table.shift, table.first, table.last,
+            intercept.detach().numpy(), slope.detach().numpy(),
+            table.atoms, table.tie_values, table.limit, y.numpy(),
+        )  # fmt: skip
     return y
 
 
@@ -324,12 +365,12 @@ def backward(
     values kept in float64)."""
     grad_x = torch.empty_like(x)
     sums = np.zeros((2, intercept.shape[0]), np.float64)
-    _threads()
-    _backward(
-        grad.contiguous().numpy(), x.detach().numpy(), table.scale, table.shift, table.first,
-        table.last, intercept.detach().numpy(), slope.detach().numpy(), table.atoms,
-        table.limit, grad_x.numpy(), sums,
-    )  # fmt: skip
+    with _parallel():
+        _backward(
+            grad.contiguous().numpy(), x.detach().numpy(), table.scale, table.shift,
+            table.first, table.last, intercept.detach().numpy(), slope.detach().numpy(),
+            table.atoms, table.limit, grad_x.numpy(), sums,
+        )  # fmt: skip
     grad_intercept, grad_slope = (torch.from_numpy(s).to(intercept.dtype) for s in sums)
     return grad_x, grad_intercept, grad_slope
 
@@ -368,7 +409,6 @@ class _CellTable(torch.autograd.Function):
         arrays = _cell_arrays(knots, low, high, run_middle, cells)
         intercept = knots.new_empty(knots.shape[0], cells + 2)
         slope = torch.empty_like(intercept)
-        _threads()
         _cells_forward(*arrays, intercept.numpy(), slope.numpy())
         ctx.arrays = arrays
         return intercept, slope
@@ -380,7 +420,6 @@ class _CellTable(torch.autograd.Function):
     ) -> tuple[torch.Tensor | None, ...]:
         knots = ctx.arrays[0]
         grad_knots = np.zeros(knots.shape, np.float64)
-        _threads()
         _cells_backward(
             *ctx.arrays, grad_intercept.contiguous().numpy(), grad_slope.contiguous().numpy(),
             grad_knots,

@@ -37,7 +37,10 @@ def slice_means(sorted_rows: torch.Tensor, num_slices: int) -> torch.Tensor:
     means = (integral[:, 1:] - integral[:, :-1]) * (num_slices / (n - 1))
     # a slice inside a run of ties is that value exactly, not a rounding of it
     flat = lo[:, 1:].eq(hi[:, :-1]) & lo[:, :-1].eq(hi[:, 1:]) & lo[:, :-1].eq(lo[:, 1:])
-    return torch.where(flat, lo[:, :-1], means).to(sorted_rows.dtype)
+    means = torch.where(flat, lo[:, :-1], means).to(sorted_rows.dtype)
+    # next to a run of ties, rounding can leave a mean an ulp above the run's exact value: the
+    # knots must be sorted for the searches that place them
+    return means.cummax(dim=1).values
 
 
 def knot_sample(x: torch.Tensor, layout: Layout, sample_size: int) -> torch.Tensor:

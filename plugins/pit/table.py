@@ -244,15 +244,17 @@ class _FusedLookup(torch.autograd.Function):
         slope: torch.Tensor,
         fused: kernel.FusedTable,
     ) -> torch.Tensor:
-        ctx.save_for_backward(values, intercept, slope)
-        ctx.fused = fused
+        ctx.save_for_backward(values)
+        # the table rides on ctx, not in saved_tensors: a cached eval table may have been built
+        # under torch.inference_mode, and inference tensors cannot be saved for backward
+        ctx.fused, ctx.intercept, ctx.slope = fused, intercept.detach(), slope.detach()
         return kernel.forward(values, fused, intercept, slope)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        values, intercept, slope = ctx.saved_tensors
-        return (*kernel.backward(grad, values, ctx.fused, intercept, slope), None)
+        (values,) = ctx.saved_tensors
+        return (*kernel.backward(grad, values, ctx.fused, ctx.intercept, ctx.slope), None)
 
 
 class _TableLookup(torch.autograd.Function):
