@@ -5,8 +5,6 @@ torch operations (and autograd) for the fused CPU loops."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -472,17 +470,3 @@ def test_eval_with_gradients_after_an_inference_mode_pass():
     x = sample((8, 3, 4, 4), 3).requires_grad_()
     module(x).sum().backward()  # a saliency map, say
     assert x.grad is not None and x.grad.abs().sum() > 0
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_a_forked_child_can_run_pit_after_its_parent_did():
-    module = build("fc", 4)
-    module(sample((64, 4), 0))
-    pid = os.fork()
-    if pid == 0:  # the child: exit 0 only if pit runs
-        try:
-            module(sample((64, 4), 1))
-        finally:
-            os._exit(0 if module.num_batches_tracked == 2 else 1)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

@@ -17,18 +17,20 @@ step of one layer searched nine times. The points ``pit`` searches for are sorte
 row (knots, cell edges), so one merge pass per row finds them all; other points go to
 ``torch.searchsorted``.
 
-**Threads.** The parallel loops use numba's ``workqueue`` threading layer (unless
-``NUMBA_THREADING_LAYER`` says otherwise): it is present everywhere and safe in a forked
-child, where the GNU OpenMP layer kills the child. It runs one parallel loop at a time, so a
-lock serializes calls from several Python threads. Without numba, :func:`supports` is false
-and torch operations do all the work.
+**Threads.** The parallel loops run on numba's default threading layer: GNU OpenMP where
+present (on this project's CPU its ``workqueue`` layer made a LeNet step with ``pit`` about
+20% slower). Like torch's own OpenMP loops, it is not fork-safe: a child forked from a process
+that ran one hangs or dies in the next parallel loop, numba's or torch's, so processes that
+train are started with ``spawn`` (as ``normzoo compare`` and ``--nproc`` do). A lock lets one
+parallel loop run at a time, which the ``workqueue`` layer (numba's fallback where OpenMP is
+missing) needs when several Python threads call ``pit``. Without numba, :func:`supports` is
+false and torch operations do all the work.
 
 ``tests/test_pit.py`` checks both against their torch equivalents.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,12 +44,6 @@ try:
     import numba
 except ImportError:  # pragma: no cover (numba is a dependency; without it torch does the work)
     numba = None
-
-if numba is not None and "NUMBA_THREADING_LAYER" not in os.environ:
-    # numba's own work queue: present everywhere and safe in forked children (the GNU OpenMP
-    # layer kills a child that forks from a process that used it); it runs one parallel loop
-    # at a time, which _parallel() ensures
-    numba.config.THREADING_LAYER = "workqueue"
 
 #: The per-value loops run in parallel over channels; the per-channel ones (tables of a few
 #: hundred entries) on one thread, which also compiles several times faster.
