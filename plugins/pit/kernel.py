@@ -69,6 +69,19 @@ def _atom(value, atoms, c):  # pragma: no cover (compiled)
     return -1
 
 
+@_njit(inline="always")
+def _row(value, scale, shift, low, high):  # pragma: no cover (compiled)
+    """The table row ``first + clamp(1 + floor((x - x_1) * scale))`` of ``value``, from the
+    channel's ``scale``, ``shift = first + 1 - x_1 * scale`` and row bounds; NaN reads the
+    first row (and stays NaN)."""
+    position = value * scale + shift
+    if not position >= low:
+        position = low
+    if position > high:
+        position = high
+    return int(position)
+
+
 @_njit(**_JIT)
 def _forward(x, scale, shift, first, last, intercept, slope, atoms, tie_values, limit, y):
     n, channels, positions = x.shape
@@ -78,13 +91,7 @@ def _forward(x, scale, shift, first, last, intercept, slope, atoms, tie_values, 
         for i in range(n):
             for p in range(positions):
                 value = x[i, c, p]
-                # row first + clamp(1 + floor((x - x_1) * scale)); NaN reads the first row
-                position = value * row_scale + row_shift
-                if not position >= low:
-                    position = low
-                if position > high:
-                    position = high
-                r = int(position)
+                r = _row(value, row_scale, row_shift, low, high)
                 out = intercept[r] + value * slope[r]
                 if out > limit:
                     out = limit
@@ -111,12 +118,7 @@ def _backward(
             # first, then the accumulation, which keeps the first loop free of memory stalls
             for p in range(positions):
                 value = x[i, c, p]
-                position = value * row_scale + row_shift
-                if not position >= low:
-                    position = low
-                if position > high:
-                    position = high
-                r = int(position)
+                r = _row(value, row_scale, row_shift, low, high)
                 rows[p] = r
                 through = grad[i, c, p]
                 if not abs(intercept[r] + value * slope[r]) < limit:  # clipped
