@@ -330,7 +330,7 @@ class FusedTable:
     def __init__(self, lookup, dtype: torch.dtype) -> None:
         channels = lookup.lowest.shape[0]
         self.scale = _numpy(lookup.scale, dtype)
-        self.shift = _numpy(lookup.first_row + 1 - lookup.lowest * lookup.scale, dtype)
+        self.shift = _numpy(lookup.shift, dtype)
         self.first = _numpy(lookup.first_row, dtype)
         self.last = _numpy(lookup.last_row, dtype)
         self.atoms = _numpy(lookup.atoms.reshape(channels, -1), dtype)

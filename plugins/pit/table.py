@@ -137,9 +137,11 @@ class KnotTable:
             order = torch.argsort((~atom_starts).to(torch.int8), dim=1, stable=True)[:, :count]
         tiny = torch.finfo(knots.dtype).tiny
         offsets = torch.arange(channels, device=knots.device, dtype=knots.dtype) * (cells + 2)
+        scale = torch.where(width > 0, 1.0 / width.clamp_min(tiny), 1.0 / tiny).detach()
         return Lookup(
             lowest=lowest.detach(),
-            scale=torch.where(width > 0, 1.0 / width.clamp_min(tiny), 1.0 / tiny).detach(),
+            scale=scale,
+            shift=offsets + 1 - lowest.detach() * scale,
             first_row=offsets,
             last_row=offsets + (cells + 1),
             intercept=intercept.reshape(-1),
@@ -184,6 +186,8 @@ class Lookup(NamedTuple):
 
     lowest: torch.Tensor
     scale: torch.Tensor
+    #: ``first_row + 1 - lowest * scale``: the row is ``floor(x * scale + shift)``, clamped
+    shift: torch.Tensor
     first_row: torch.Tensor
     last_row: torch.Tensor
     intercept: torch.Tensor
@@ -216,8 +220,7 @@ def lookup_transform(
         return values.to(x.dtype).reshape(shape)
 
     with torch.no_grad():  # the row index carries no gradient
-        shift = lookup.first_row + 1 - lookup.lowest * lookup.scale
-        position = torch.addcmul(per_channel(shift), x, per_channel(lookup.scale))
+        position = torch.addcmul(per_channel(lookup.shift), x, per_channel(lookup.scale))
         first, last = per_channel(lookup.first_row), per_channel(lookup.last_row)
         index = position.clamp_(first, last).to(torch.long)
         index = index.clamp_(first.to(torch.long), last.to(torch.long))  # NaN inputs
