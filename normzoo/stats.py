@@ -102,6 +102,26 @@ def update_running(running: torch.Tensor, batch: torch.Tensor, weight: float) ->
     running.lerp_(batch.to(running.dtype), weight)
 
 
+def multiply_add(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``scale * x + shift`` in one pass, for ``scale`` and ``shift`` broadcastable against
+    ``x`` (per channel, say ``(1, C, 1, 1)``); differentiable.
+
+    On a CPU, ``torch.addcmul`` runs an unvectorized loop when two of its operands broadcast
+    along the innermost dimension: at LeNet's conv1 shape ``(256, 6, 24, 24)`` it took 1.2 ms,
+    against 0.36 ms for torch's fused batch norm. So ``scale`` and ``shift`` are first expanded
+    to one example's plane, in ``x``'s memory format (a few kB); then they broadcast over the
+    batch only, and the loop is vectorized (0.46 ms). Where they already vary along the
+    innermost dimension (``fc``, channels-last layouts), or off the CPU, nothing is expanded.
+    """
+    if x.device.type == "cpu" and x.dim() > 2 and x.shape[-1] > 1 and x.shape[0] > 1:
+        example = x[:1]
+        if scale.shape[-1] == 1:
+            scale = torch.empty_like(example, dtype=scale.dtype).copy_(scale.expand_as(example))
+        if shift.shape[-1] == 1:
+            shift = torch.empty_like(example, dtype=shift.dtype).copy_(shift.expand_as(example))
+    return torch.addcmul(shift, x, scale)
+
+
 def channel_affine(
     y: torch.Tensor,
     weight: torch.Tensor | None,
@@ -121,7 +141,7 @@ def channel_affine(
         return vector.to(y.dtype).reshape(layout.channel_shape(vector.shape[0]))
 
     if weight is not None and bias is not None:
-        return torch.addcmul(per_channel(bias), y, per_channel(weight))  # one pass
+        return multiply_add(y, per_channel(weight), per_channel(bias))
     if weight is not None:
         return y * per_channel(weight)
     return y + per_channel(bias)

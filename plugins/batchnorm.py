@@ -41,7 +41,14 @@ from normzoo.interface import (
     check_input,
 )
 from normzoo.layouts import LAYOUT_NAMES, Layout
-from normzoo.stats import batch_moments, channel_sum, global_batch_moments, unbiased, upcast
+from normzoo.stats import (
+    batch_moments,
+    channel_sum,
+    global_batch_moments,
+    multiply_add,
+    unbiased,
+    upcast,
+)
 
 NAME = "batchnorm"
 
@@ -86,7 +93,7 @@ class BatchNormFunction(torch.autograd.Function):
         shift = -mean * scale
         if bias is not None:
             shift = shift + bias.to(values.dtype).reshape(shape)
-        y = torch.addcmul(shift, values, scale).to(x.dtype)
+        y = multiply_add(values, scale, shift).to(x.dtype)
         ctx.save_for_backward(x, mean, invstd, scale)
         ctx.layout, ctx.has_weight, ctx.has_bias = layout, weight is not None, bias is not None
         ctx.mark_non_differentiable(mean, var)
@@ -103,7 +110,7 @@ class BatchNormFunction(torch.autograd.Function):
         sum_g_xhat = invstd * (sum_gx - mean * sum_g)
         b = -scale * invstd * sum_g_xhat / count
         c = -scale * sum_g / count - b * mean
-        grad_x = torch.addcmul(torch.addcmul(c, g, scale), values, b).to(x.dtype)
+        grad_x = multiply_add(values, b, multiply_add(g, scale, c)).to(x.dtype)
         grad_weight = sum_g_xhat.reshape(-1) if ctx.has_weight else None
         grad_bias = sum_g.reshape(-1) if ctx.has_bias else None
         return grad_x, grad_weight, grad_bias, None, None
@@ -159,7 +166,7 @@ class BatchNorm(NormBase):
         shift = -self.running_mean.to(values.dtype) * scale
         if self.bias is not None:
             shift = shift + self.bias.to(values.dtype)
-        return torch.addcmul(shift.reshape(shape), values, scale.reshape(shape)).to(x.dtype)
+        return multiply_add(values, scale.reshape(shape), shift.reshape(shape)).to(x.dtype)
 
     def _global_forward(self, x: torch.Tensor) -> torch.Tensor:
         mean, var, count = global_batch_moments(x, self.layout_spec)
