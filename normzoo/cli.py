@@ -150,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
         "statistics over the whole batch, others (e.g. torch-batchnorm) per process; the cores "
         "are split between them. Under torchrun, leave it at 1: the processes come from torchrun",
     )  # fmt: skip
+    run.add_argument(
+        "--compile", action="store_true",
+        help="run the training steps through torch.compile: the first step compiles (seconds "
+        "to a minute, per norm; on a CPU it needs a C++ compiler), later ones are faster "
+        "(see docs/performance.md)",
+    )  # fmt: skip
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     run.set_defaults(handler=_run)
 
@@ -349,6 +355,7 @@ def _run(args: argparse.Namespace) -> int:
         precise_stats=args.precise_stats,
         runs_dir=args.runs_dir,
         nproc=args.nproc,
+        compile=args.compile,
     )
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 reports
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from torch import nn
 
 import normzoo
+from normzoo.compare.cache import resolved_config, run_key
 from normzoo.harness.data import Split
 from normzoo.harness.experiment import RunConfig, run_experiment
 from normzoo.harness.model import build_lenet
@@ -83,6 +85,29 @@ def test_same_seed_gives_the_same_numbers(tmp_path):
     first = run_experiment(config, progress=False).epochs[0]
     second = run_experiment(config, progress=False).epochs[0]
     assert (first.train_loss, first.test_acc) == (second.train_loss, second.test_acc)
+
+
+def test_compiled_training_steps_give_the_eager_numbers(tmp_path):
+    """``--compile`` changes how the steps run, not what they compute: the same run, compiled,
+    agrees with the eager one up to float rounding, and shares its comparison key."""
+    config = RunConfig(
+        norm="batchnorm", runs_dir=str(tmp_path), epochs=1, train_subset=1024, test_subset=512,
+        lr=0.1, device="cpu",
+    )  # fmt: skip
+    eager = run_experiment(config, progress=False)
+    compiled = run_experiment(replace(config, compile=True), progress=False)
+    assert compiled.epochs[0].train_loss == pytest.approx(eager.epochs[0].train_loss, rel=1e-4)
+    assert abs(compiled.epochs[0].test_acc - eager.epochs[0].test_acc) <= 2 / 512
+    for name, value in eager.model.state_dict().items():
+        torch.testing.assert_close(compiled.model.state_dict()[name], value, rtol=1e-3, atol=1e-4)
+    assert run_key(resolved_config(replace(config, compile=True))) == run_key(
+        resolved_config(config)
+    )
+
+
+def test_compile_refuses_several_processes(tmp_path):
+    with pytest.raises(normzoo.NormzooError, match="--compile.*--nproc 2"):
+        run_experiment(RunConfig(compile=True, nproc=2, runs_dir=str(tmp_path)), progress=False)
 
 
 class ExplodesInSecondEpoch(nn.Module):

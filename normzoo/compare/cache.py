@@ -26,7 +26,7 @@ from normzoo.harness.runs import atomic_write_json
 
 #: Bumped when the harness changes what a run computes (the model, the training loop, the data).
 HARNESS_VERSION = "1"
-_WHERE_NOT_WHAT = ("device", "data_dir", "download", "runs_dir", "nproc")
+_WHERE_NOT_WHAT = ("device", "data_dir", "download", "runs_dir", "nproc", "compile")
 
 
 def resolved_config(config: RunConfig) -> dict[str, Any]:

@@ -51,7 +51,7 @@ _TOP_KEYS = ("seeds", "baseline", "results", "figures", "plots", "base", "grid",
 #: The plots a page can ask for; ``affine`` shows the learned gamma and beta per layer.
 PLOTS = ("curves", "finals", "affine")
 #: Settings that say where and how a run happens, not what it computes: not page keys.
-_NOT_SETTINGS = ("seed", "device", "data_dir", "download", "runs_dir", "nproc")
+_NOT_SETTINGS = ("seed", "device", "data_dir", "download", "runs_dir", "nproc", "compile")
 SETTINGS = tuple(f.name for f in fields(RunConfig) if f.name not in _NOT_SETTINGS)
 
 

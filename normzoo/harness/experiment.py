@@ -137,6 +137,7 @@ class RunConfig:
     precise_stats: int = 50
     runs_dir: str = "runs"
     nproc: int = 1
+    compile: bool = False
 
     def validate(self) -> None:
         """Reject values no run could use, naming the bad one.
@@ -160,6 +161,10 @@ class RunConfig:
             raise NormzooError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not 0 <= self.seed <= MAX_SEED:
             raise NormzooError(f"seed must be in [0, 2**63 - 1], got {self.seed}")
+        if self.compile and self.nproc > 1:
+            raise NormzooError(
+                f"--compile runs in one process only, got --nproc {self.nproc}; drop one of them"
+            )
         for name in ("train_subset", "test_subset"):
             value = getattr(self, name)
             if value is not None and value < 2:
@@ -345,7 +350,7 @@ def _run_in_group(
         train(
             trained, data, config.epochs, config.lr, config.batch_size, config.seed,
             label=config.norm, on_epoch=epoch_done, progress=progress,
-            precise_stats=config.precise_stats,
+            precise_stats=config.precise_stats, compile=config.compile,
         )  # fmt: skip
         with _signals_deferred():
             if directory is not None:

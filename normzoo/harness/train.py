@@ -276,6 +276,7 @@ def train(
     on_epoch: Callable[[EpochMetrics], None] = lambda metrics: None,
     progress: bool = True,
     precise_stats: int = 0,
+    compile: bool = False,
 ) -> list[EpochMetrics]:
     """Train ``model`` on ``data.train`` and measure it on ``data.test`` after every epoch.
 
@@ -290,6 +291,11 @@ def train(
         Names the run (the norm) in the progress bar and in errors.
     on_epoch:
         Called with each epoch's metrics as soon as they exist, e.g. to write them to disk.
+    compile:
+        Run the training steps through ``torch.compile(model)``: the first step compiles
+        (seconds to a minute, depending on the norm), later ones run the fused kernels. The
+        re-estimation and the test stay eager; they are a small share of an epoch and would
+        each compile again for their own mode and batch sizes.
 
     Raises :class:`TrainingDiverged` when a batch loss is not finite, or a floating buffer
     (a running statistic) is not finite after an epoch's training or after the re-estimation;
@@ -304,6 +310,7 @@ def train(
     """
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     network = getattr(model, "module", model)  # the model inside DistributedDataParallel
+    stepped = torch.compile(model) if compile else model
     processes = current()
     generator = torch.Generator().manual_seed(seed)
     stats_generator = torch.Generator().manual_seed(seed + 1)  # training order stays the same
@@ -312,7 +319,7 @@ def train(
     for epoch in range(1, epochs + 1):
         try:
             metrics = _epoch(
-                model, data, optimizer, batches, generator, epoch, epochs, label, progress
+                stepped, data, optimizer, batches, generator, epoch, epochs, label, progress
             )
             check_finite_buffers(network, label, f"in epoch {epoch}")
             if precise_stats:

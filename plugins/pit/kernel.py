@@ -290,9 +290,11 @@ def _cells_backward(
 
 
 def supports(x: torch.Tensor) -> bool:
-    """Whether the fused loops handle ``x``: float32 or float64 on the CPU, numba installed."""
+    """Whether the fused loops handle ``x``: float32 or float64 on the CPU, numba installed,
+    and not inside ``torch.compile``, which cannot trace into numba (it compiles the torch
+    operations instead)."""
     cpu = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-    return cpu and numba is not None
+    return cpu and numba is not None and not torch.compiler.is_compiling()
 
 
 @contextmanager
