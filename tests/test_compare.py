@@ -89,6 +89,7 @@ def test_a_grid_times_a_variant_list_gives_labelled_variants(tmp_path):
         ('[base]\nepochs = "one"\n', "epochs must be int, got 'one'"),
         ("[base]\nlr = true\n", "lr must be int or float, got True"),
         ("seeds = [true]\n", "seeds must be a count >= 1 or a list"),
+        ("[[variant]]\nseeds = 0\n", "seeds must be a count >= 1 or a list"),
     ],
 )
 def test_a_bad_experiment_block_is_one_error_naming_the_page_and_line(tmp_path, block, message):
@@ -202,6 +203,21 @@ def test_a_second_compare_runs_nothing_and_a_new_seed_runs_only_itself(tmp_path,
     assert "6 runs: 4 stored, 2 to run" in capsys.readouterr().out
     for name, mtime in stored.items():
         assert (tmp_path / "results" / name).stat().st_mtime_ns == mtime
+
+
+def test_a_variant_with_its_own_seeds_runs_and_pairs_only_those(tmp_path, capsys):
+    page = write_page(
+        tmp_path,
+        TWO_ARMS.replace("bias_before_norm = false", "bias_before_norm = false\nseeds = [1]"),
+    )
+    assert parse_page(page).variants[1].seeds == [1]
+    assert compare([page], QUIET) == 0
+    assert "3 runs: 0 stored, 3 to run" in capsys.readouterr().out
+    text = page.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| without bias |"))
+    assert row.split("|")[2].strip() == "1"  # one seed, paired with the baseline's seed 1
+    assert "seeds 0, 1; their own seeds: without bias 1;" in text
+    assert check([page]) == []
 
 
 def test_shards_split_the_runs_and_merge_by_file_name(tmp_path, capsys):

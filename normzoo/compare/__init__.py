@@ -76,8 +76,9 @@ def _plan(page: Page, smoke_dir: Path | None = None) -> list[_PlannedRun]:
     """Every (variant, seed) of ``page`` with its key; an unknown norm or option is a
     :class:`PageError` naming the page's experiment block."""
     planned = []
-    seeds = page.seeds[:1] if smoke_dir else page.seeds
     for variant in page.variants:
+        seeds = variant.seeds or page.seeds
+        seeds = seeds[:1] if smoke_dir else seeds
         try:  # a setting or option that no run could use fails here, before any training
             build_lenet(**{k: v for k, v in variant.settings.items() if k in _MODEL_SETTINGS})
         except NormzooError as error:

@@ -18,6 +18,11 @@ The experiment is a fenced block with the info string ``normzoo`` holding TOML::
     [[variant]]                    # ... combined with each of these (label optional)
     label = "no bias"
     bias_before_norm = false
+
+    [[variant]]
+    label = "batch 16"
+    batch_size = 16
+    seeds = 2                      # a variant's own seeds, where the budget fits fewer
     ```
 
 Keys of ``base``, ``grid`` and a variant are :class:`~normzoo.harness.experiment.RunConfig`
@@ -65,6 +70,8 @@ class Variant:
 
     label: str
     settings: dict[str, Any]
+    #: The variant's own seeds, where a budget fits fewer runs than the page's ``seeds``.
+    seeds: list[int] | None = None
 
     def config(self, seed: int) -> RunConfig:
         return RunConfig(**self.settings, seed=seed)
@@ -147,13 +154,7 @@ def parse_page(path: Path | str) -> Page:
         if key in spec and not isinstance(spec[key], str):
             raise PageError(f"{where}: {key} must be a string, got {spec[key]!r}")
     variants = _variants(spec, where)
-    seeds = spec.get("seeds", 3)
-    if _is_int(seeds) and seeds >= 1:
-        seeds = list(range(seeds))
-    if not (isinstance(seeds, list) and seeds and all(_is_int(s) and s >= 0 for s in seeds)):
-        raise PageError(
-            f"{where}: seeds must be a count >= 1 or a list of integers >= 0, got {seeds!r}"
-        )
+    seeds = _seeds(spec.get("seeds", 3), where)
     labels = [v.label for v in variants]
     baseline = spec.get("baseline", labels[0])
     if baseline not in labels:
@@ -184,6 +185,16 @@ def parse_page(path: Path | str) -> Page:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _seeds(value: Any, where: str) -> list[int]:
+    """A ``seeds`` entry, a count ``n`` (seeds ``0 .. n-1``) or a list, as a list."""
+    seeds = list(range(value)) if _is_int(value) and value >= 1 else value
+    if not (isinstance(seeds, list) and seeds and all(_is_int(s) and s >= 0 for s in seeds)):
+        raise PageError(
+            f"{where}: seeds must be a count >= 1 or a list of integers >= 0, got {value!r}"
+        )
+    return seeds
 
 
 #: The type each setting must have in a page (an int is also a float; a subset may be unset).
@@ -227,6 +238,7 @@ def _variants(spec: dict[str, Any], where: str) -> list[Variant]:
             label = entry.pop("label", None)
             if label is not None and not isinstance(label, str):
                 raise PageError(f"{where}: a variant's label must be a string, got {label!r}")
+            seeds = _seeds(entry.pop("seeds"), where) if "seeds" in entry else None
             own = _settings(entry, where, "[[variant]]")
             settings = {**base, **from_grid, **own}
             if "norm_options" in settings and not isinstance(settings["norm_options"], dict):
@@ -236,7 +248,7 @@ def _variants(spec: dict[str, Any], where: str) -> list[Variant]:
                 label = ", ".join(parts) or settings.get("norm", "batchnorm")
             elif from_grid:
                 label = ", ".join([label, *(_describe(k, v) for k, v in from_grid.items())])
-            variants.append(Variant(label, settings))
+            variants.append(Variant(label, settings, seeds))
     labels = [v.label for v in variants]
     duplicated = sorted({label for label in labels if labels.count(label) > 1})
     if duplicated:

@@ -91,6 +91,9 @@ def _footer(page: Page, summaries: list[VariantSummary]) -> str:
                        f"{'s' if r['threads'] > 1 else ''} per run)" for r in results})  # fmt: skip
     hours = sum(r["seconds"] for r in results) / 3600
     seeds = ", ".join(str(seed) for seed in page.seeds)
+    fewer = [f"{v.label} {', '.join(map(str, v.seeds))}" for v in page.variants if v.seeds]
+    if fewer:
+        seeds += "; their own seeds: " + "; ".join(fewer)
     plural = "s" if len(results) != 1 else ""
     return (
         f"{len(results)} run{plural} (seeds {seeds}; {'/'.join(map(str, epochs))} epochs "
