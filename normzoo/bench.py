@@ -96,6 +96,10 @@ class BenchConfig:
     rounds: int = 7
     min_run_time: float = 0.5
     quick: bool = False
+    #: For :func:`end_to_end`: the epochs each pipeline trains, and whether the harness also
+    #: runs compiled (``normzoo run --compile``), compile time included.
+    epochs: int = 1
+    compile: bool = False
 
     def validate(self) -> None:
         for case in self.cases:
@@ -107,6 +111,8 @@ class BenchConfig:
             )
         if self.threads < 1:
             raise NormzooError(f"threads must be >= 1, got {self.threads}")
+        if self.epochs < 1:
+            raise NormzooError(f"epochs must be >= 1, got {self.epochs}")
         for norm in self.norms:
             normzoo.info(norm)
 
@@ -292,7 +298,13 @@ def to_json(
         "config": asdict(config),
         "torch": torch.__version__,
         "results": [asdict(m) | {"noisy": m.noisy} for m in results],
-        "end_to_end": None if pipeline is None else asdict(pipeline) | {"ratio": pipeline.ratio},
+        "end_to_end": None
+        if pipeline is None
+        else asdict(pipeline)
+        | {
+            "ratio": pipeline.ratio,
+            "compiled_ratio": pipeline.compiled_ratio,
+        },  # fmt: skip
     }
 
 
@@ -304,26 +316,37 @@ def write_json(path: Path | str, data: dict[str, Any]) -> None:
 @dataclass(frozen=True)
 class EndToEnd:
     """Training examples per second, evaluation included, of the harness and of the textbook
-    pipeline, each the median over alternating rounds, and their ratio."""
+    pipeline, each the median over alternating rounds, and their ratio; with ``--compile``,
+    also of the harness running its training steps compiled (compile time included)."""
 
     norm: str
     examples: int
     harness_examples_per_sec: float
     textbook_examples_per_sec: float
+    epochs: int = 1
+    compiled_examples_per_sec: float | None = None
 
     @property
     def ratio(self) -> float:
         return self.harness_examples_per_sec / self.textbook_examples_per_sec
 
+    @property
+    def compiled_ratio(self) -> float | None:
+        if self.compiled_examples_per_sec is None:
+            return None
+        return self.compiled_examples_per_sec / self.textbook_examples_per_sec
+
 
 def end_to_end(
     config: BenchConfig, norm: str = "batchnorm", examples: int | None = None, rounds: int = 2
 ) -> EndToEnd:
-    """One epoch of training plus a test, through the harness (data on the device, batches by
-    indexing) and through the textbook pipeline (``torchvision.datasets.FashionMNIST`` with
-    ``ToTensor``, a ``DataLoader`` with ``shuffle=True`` and no worker processes: the machine's
-    cores go to torch's threads), same LeNet and norm, same batch size, in alternating rounds.
-    ``examples`` limits both to the first training and test examples (``--quick``: 2,048)."""
+    """``config.epochs`` epochs of training, each followed by a test, through the harness (data
+    on the device, batches by indexing) and through the textbook pipeline
+    (``torchvision.datasets.FashionMNIST`` with ``ToTensor``, a ``DataLoader`` with
+    ``shuffle=True`` and no worker processes: the machine's cores go to torch's threads), same
+    LeNet and norm, same batch size, in alternating rounds; with ``config.compile``, the
+    harness compiled as well, a fresh model and compilation each round. ``examples`` limits
+    all to the first training and test examples (``--quick``: 2,048)."""
     import tempfile
 
     from normzoo.harness.train import train
@@ -333,22 +356,31 @@ def end_to_end(
     data = load_fashion_mnist().subset(examples, examples)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
-    harness, textbook = [], []
+    harness, compiled, textbook = [], [], []
+    epochs = config.epochs
     try:
         with tempfile.TemporaryDirectory() as root:
             dataset = _torchvision_copy(Path(root), examples)
             for _ in range(rounds):
+                for compile, speeds in ((False, harness), (True, compiled)):
+                    if compile and not config.compile:
+                        continue
+                    model = build_lenet(norm).to(device)
+                    started = time.perf_counter()
+                    train(model, data.to(device), epochs, 0.1, config.batch_size, 0, norm,
+                          progress=False, compile=compile)  # fmt: skip
+                    speeds.append(epochs * len(data.train) / (time.perf_counter() - started))
                 model = build_lenet(norm).to(device)
                 started = time.perf_counter()
-                train(model, data.to(device), 1, 0.1, config.batch_size, 0, norm, progress=False)
-                harness.append(len(data.train) / (time.perf_counter() - started))
-                model = build_lenet(norm).to(device)
-                started = time.perf_counter()
-                _textbook_epoch(model, dataset, config.batch_size, device)
-                textbook.append(len(dataset[0]) / (time.perf_counter() - started))
+                for _ in range(epochs):
+                    _textbook_epoch(model, dataset, config.batch_size, device)
+                textbook.append(epochs * len(dataset[0]) / (time.perf_counter() - started))
     finally:
         torch.set_num_threads(previous_threads)
-    return EndToEnd(norm, len(data.train), statistics.median(harness), statistics.median(textbook))
+    return EndToEnd(
+        norm, len(data.train), statistics.median(harness), statistics.median(textbook), epochs,
+        statistics.median(compiled) if compiled else None,
+    )  # fmt: skip
 
 
 def _torchvision_copy(root: Path, examples: int | None) -> tuple:

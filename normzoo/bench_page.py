@@ -101,8 +101,12 @@ def render(data: dict[str, Any]) -> str:
         lines += [f"One norm layer alone, ratios at LeNet's shapes {shapes}:", "", *layers, ""]
     pipeline = data.get("end_to_end")
     if pipeline:
+        epochs = pipeline.get("epochs", 1)
+        span = "one epoch" if epochs == 1 else f"{epochs} epochs"
         lines += [
-            f"End to end, `{pipeline['norm']}`, one epoch of {pipeline['examples']:,} training "
+            f"End to end, `{pipeline['norm']}`, {span} of {pipeline['examples']:,} training "
+            f"examples, each followed by the test:" if epochs > 1 else
+            f"End to end, `{pipeline['norm']}`, {span} of {pipeline['examples']:,} training "
             "examples plus the test:",
             "",
             "| pipeline | examples/s |",
@@ -110,8 +114,14 @@ def render(data: dict[str, Any]) -> str:
             f"| harness | {pipeline['harness_examples_per_sec']:,.0f} |",
             f"| textbook `DataLoader` pipeline | {pipeline['textbook_examples_per_sec']:,.0f} |",
             f"| ratio | **{pipeline['ratio']:.2f}** |",
-            "",
-        ]
+        ]  # fmt: skip
+        if pipeline.get("compiled_examples_per_sec") is not None:
+            lines += [
+                "| harness, `--compile` (compile time included) | "
+                f"{pipeline['compiled_examples_per_sec']:,.0f} |",
+                f"| ratio, `--compile` | **{pipeline['compiled_ratio']:.2f}** |",
+            ]
+        lines.append("")
     return "\n".join(lines).rstrip("\n")
 
 

@@ -195,6 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--end-to-end", action="store_true",
         help="also time an epoch of the harness against the textbook DataLoader pipeline",
     )  # fmt: skip
+    bench.add_argument(
+        "--epochs", type=_positive_int, default=1,
+        help="epochs each pipeline trains in --end-to-end",
+    )  # fmt: skip
+    bench.add_argument(
+        "--compile", action="store_true",
+        help="in --end-to-end, also time the harness with `normzoo run --compile` (compile "
+        "time included: it pays off over several --epochs)",
+    )  # fmt: skip
     bench.add_argument("--batch-size", type=_positive_int, default=256)
     bench.add_argument("--threads", type=_positive_int, default=2, help="torch threads, fixed")
     bench.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -276,6 +285,7 @@ def _bench(args: argparse.Namespace) -> int:
     config = BenchConfig(
         norms=args.norms or (), cases=args.cases or CASES, batch_size=args.batch_size,
         threads=args.threads, device=args.device, rounds=args.rounds, quick=args.quick,
+        epochs=args.epochs, compile=args.compile,
     )  # fmt: skip
 
     def report(m) -> None:  # noqa: ANN001
@@ -289,10 +299,16 @@ def _bench(args: argparse.Namespace) -> int:
     if args.end_to_end:
         pipeline = end_to_end(config)
         print(
-            f"\nend to end, {pipeline.norm}, one epoch of {pipeline.examples:,} examples + test: "
-            f"harness {pipeline.harness_examples_per_sec:,.0f} examples/s, textbook DataLoader "
-            f"pipeline {pipeline.textbook_examples_per_sec:,.0f}: {pipeline.ratio:.2f}x"
+            f"\nend to end, {pipeline.norm}, {pipeline.epochs} epoch(s) of {pipeline.examples:,} "
+            f"examples + test: harness {pipeline.harness_examples_per_sec:,.0f} examples/s, "
+            f"textbook DataLoader pipeline {pipeline.textbook_examples_per_sec:,.0f}: "
+            f"{pipeline.ratio:.2f}x"
         )
+        if pipeline.compiled_ratio is not None:
+            print(
+                f"harness with --compile {pipeline.compiled_examples_per_sec:,.0f} examples/s: "
+                f"{pipeline.compiled_ratio:.2f}x"
+            )
     data = to_json(results, config, pipeline, shlex.join(["normzoo", *args.argv]))
     if args.json:
         write_json(args.json, data)

@@ -59,10 +59,16 @@ def test_saved_bytes_counts_each_saved_tensor_once():
     assert saved_bytes(lambda: (x * x).sum().backward()) == 4000  # x saved twice, one storage
 
 
-def test_end_to_end_times_the_harness_and_the_textbook_pipeline():
-    pipeline = end_to_end(BenchConfig(batch_size=64, threads=1), examples=256, rounds=1)
-    assert pipeline.examples == 256
+def test_end_to_end_times_the_harness_compiled_or_not_and_the_textbook_pipeline():
+    config = BenchConfig(batch_size=64, threads=1, epochs=2, compile=True)
+    pipeline = end_to_end(config, examples=256, rounds=1)
+    assert (pipeline.examples, pipeline.epochs) == (256, 2)
     assert pipeline.harness_examples_per_sec > 0 and pipeline.textbook_examples_per_sec > 0
+    assert pipeline.compiled_ratio == pytest.approx(
+        pipeline.compiled_examples_per_sec / pipeline.textbook_examples_per_sec
+    )
+    plain = end_to_end(BenchConfig(batch_size=64, threads=1), examples=256, rounds=1)
+    assert plain.compiled_examples_per_sec is None and plain.compiled_ratio is None
 
 
 def test_the_command_line_prints_a_table_and_writes_json(tmp_path, capsys):
@@ -86,6 +92,7 @@ def test_the_command_line_prints_a_table_and_writes_json(tmp_path, capsys):
         ),
         (BenchConfig(norms=("batchnrom",)), "unknown norm 'batchnrom'"),
         (BenchConfig(batch_size=1), "batch size must be >= 2"),
+        (BenchConfig(epochs=0), "epochs must be >= 1, got 0"),
     ],
 )
 def test_bad_settings_are_one_line(config, message):
@@ -126,7 +133,16 @@ def test_the_section_is_rendered_from_the_stored_measurement_alone():
     assert "| `pit` | 75.0 | 2.50 (noisy) | 20.0 | 2.50 (noisy) | 3.0 MiB (3.00) |" in text
     assert "| norm | fc1 train |" in text and "| `pit` | 2.50 (noisy) |" in text
     assert "| harness | 9,000 |" in text and "| ratio | **2.00** |" in text
+    assert "End to end, `batchnorm`, one epoch of 60,000" in text
+    assert "--compile" not in text
     assert "End to end" not in bench_page.render(stored(end_to_end=False))
+    compiled = stored()
+    compiled["end_to_end"] |= {"epochs": 3, "compiled_examples_per_sec": 13500.0,
+                               "compiled_ratio": 3.0}  # fmt: skip
+    text = bench_page.render(compiled)
+    assert "End to end, `batchnorm`, 3 epochs of 60,000 training examples, each followed" in text
+    assert "| harness, `--compile` (compile time included) | 13,500 |" in text
+    assert "| ratio, `--compile` | **3.00** |" in text
 
 
 def test_bench_writes_the_page_section_and_compare_check_holds_it_to_the_stored_json(tmp_path):
