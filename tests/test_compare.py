@@ -17,7 +17,7 @@ import pytest
 from scipy import stats
 
 from normzoo.cli import main
-from normzoo.compare import CompareConfig, check, compare, parse_shard
+from normzoo.compare import CompareConfig, _plan, _seed_major, check, compare, parse_shard
 from normzoo.compare.cache import resolved_config, run_key
 from normzoo.compare.page import BEGIN, END, PageError, parse_page
 from normzoo.compare.summary import Interval
@@ -218,6 +218,15 @@ def test_a_variant_with_its_own_seeds_runs_and_pairs_only_those(tmp_path, capsys
     assert row.split("|")[2].strip() == "1"  # one seed, paired with the baseline's seed 1
     assert "seeds 0, 1; their own seeds: without bias 1;" in text
     assert check([page]) == []
+
+
+def test_runs_go_seed_by_seed_so_a_stopped_comparison_leaves_balanced_seeds(tmp_path):
+    page = parse_page(write_page(tmp_path, TWO_ARMS.replace("seeds = 2", "seeds = 3")))
+    order = [(run.label, run.config.seed) for run in _seed_major([_plan(page)])]
+    assert order == [
+        ("with bias", 0), ("without bias", 0), ("with bias", 1), ("without bias", 1),
+        ("with bias", 2), ("without bias", 2),
+    ]  # fmt: skip
 
 
 def test_shards_split_the_runs_and_merge_by_file_name(tmp_path, capsys):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from itertools import zip_longest
 from pathlib import Path
@@ -101,6 +101,21 @@ def _plan(page: Page, smoke_dir: Path | None = None) -> list[_PlannedRun]:
     return planned
 
 
+def _seed_major(plans: Iterable[list[_PlannedRun]]) -> list[PendingRun]:
+    """The runs of every page, every variant's first seed before any variant's second: a
+    comparison stopped part-way (or a budget that runs out) leaves each variant with about as
+    many seeds as the others, which pairs, rather than some variants complete and others
+    missing. The order is fixed by the pages and their blocks, so ``--shard`` slices agree."""
+    ranked = []
+    for planned in plans:
+        seen: dict[str, int] = {}
+        for run in planned:
+            position = seen.get(run.variant.label, 0)
+            seen[run.variant.label] = position + 1
+            ranked.append((position, run.pending))
+    return [run for _, run in sorted(ranked, key=lambda item: item[0])]
+
+
 def _summaries(page: Page, planned: list[_PlannedRun]) -> tuple[list[VariantSummary], int]:
     """The summary of each variant from the stored results, and how many runs are missing."""
     by_variant: dict[str, dict[int, dict[str, Any]]] = {v.label: {} for v in page.variants}
@@ -135,10 +150,9 @@ def compare(
         smoke_dir = Path(scratch) if config.smoke else None
         plans = {page.path: _plan(page, smoke_dir) for page in pages}
         unique: dict[tuple[Path, str], PendingRun] = {}
-        for planned in plans.values():
-            for run in planned:
-                unique.setdefault((run.pending.results_dir, run.pending.key), run.pending)
-        ordered = [unique[k] for k in sorted(unique, key=lambda k: k[1])]
+        for run in _seed_major(plans.values()):
+            unique.setdefault((run.results_dir, run.key), run)
+        ordered = list(unique.values())
         if config.shard:
             i, k = config.shard
             ordered = ordered[i - 1 :: k]
