@@ -102,18 +102,13 @@ def _plan(page: Page, smoke_dir: Path | None = None) -> list[_PlannedRun]:
 
 
 def _seed_major(plans: Iterable[list[_PlannedRun]]) -> list[PendingRun]:
-    """The runs of every page, every variant's first seed before any variant's second: a
-    comparison stopped part-way (or a budget that runs out) leaves each variant with about as
-    many seeds as the others, which pairs, rather than some variants complete and others
-    missing. The order is fixed by the pages and their blocks, so ``--shard`` slices agree."""
-    ranked = []
-    for planned in plans:
-        seen: dict[str, int] = {}
-        for run in planned:
-            position = seen.get(run.variant.label, 0)
-            seen[run.variant.label] = position + 1
-            ranked.append((position, run.pending))
-    return [run for _, run in sorted(ranked, key=lambda item: item[0])]
+    """The runs of every page, seed by seed: seed 0 of every variant, then seed 1 ... A
+    comparison stopped part-way (or a budget that runs out) leaves the variants with the same
+    seeds, which pair, rather than some variants complete and others missing. Within a seed
+    the order is the pages' (sorted by path by the caller) and their blocks', so ``--shard``
+    slices agree between machines."""
+    planned = [run for runs in plans for run in runs]
+    return [run.pending for run in sorted(planned, key=lambda run: run.seed)]
 
 
 def _summaries(page: Page, planned: list[_PlannedRun]) -> tuple[list[VariantSummary], int]:
@@ -150,7 +145,7 @@ def compare(
         smoke_dir = Path(scratch) if config.smoke else None
         plans = {page.path: _plan(page, smoke_dir) for page in pages}
         unique: dict[tuple[Path, str], PendingRun] = {}
-        for run in _seed_major(plans.values()):
+        for run in _seed_major(plans[path] for path in sorted(plans)):
             unique.setdefault((run.results_dir, run.key), run)
         ordered = list(unique.values())
         if config.shard:
