@@ -345,8 +345,10 @@ def end_to_end(
     (``torchvision.datasets.FashionMNIST`` with ``ToTensor``, a ``DataLoader`` with
     ``shuffle=True`` and no worker processes: the machine's cores go to torch's threads), same
     LeNet and norm, same batch size, in alternating rounds; with ``config.compile``, the
-    harness compiled as well, a fresh model and compilation each round. ``examples`` limits
-    all to the first training and test examples (``--quick``: 2,048)."""
+    harness compiled as well, a fresh model and compilation each round (dynamo's caches reset;
+    inductor's on-disk cache, which makes a second compilation of the same graphs faster on
+    any machine, stays). ``examples`` limits all to the first training and test examples
+    (``--quick``: 2,048)."""
     import tempfile
 
     from normzoo.harness.train import train
@@ -365,6 +367,8 @@ def end_to_end(
                 for compile, speeds in ((False, harness), (True, compiled)):
                     if compile and not config.compile:
                         continue
+                    if compile:  # dynamo would reuse the last round's graphs for the new model
+                        torch._dynamo.reset()
                     model = build_lenet(norm).to(device)
                     started = time.perf_counter()
                     train(model, data.to(device), epochs, 0.1, config.batch_size, 0, norm,

@@ -282,6 +282,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.page:
         bench_page.require_section(args.page)
+    if not args.end_to_end and (args.compile or args.epochs != 1):
+        raise NormzooError("--epochs and --compile apply to --end-to-end; add --end-to-end")
     config = BenchConfig(
         norms=args.norms or (), cases=args.cases or CASES, batch_size=args.batch_size,
         threads=args.threads, device=args.device, rounds=args.rounds, quick=args.quick,

@@ -111,14 +111,19 @@ def multiply_add(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> t
     against 0.36 ms for torch's fused batch norm. So ``scale`` and ``shift`` are first expanded
     to one example's plane, in ``x``'s memory format (a few kB); then they broadcast over the
     batch only, and the loop is vectorized (0.46 ms). Where they already vary along the
-    innermost dimension (``fc``, channels-last layouts), or off the CPU, nothing is expanded.
+    innermost dimension (``fc``, the ``seq`` layout), off the CPU, or where they vary over the
+    batch themselves, nothing is expanded.
     """
     if x.device.type == "cpu" and x.dim() > 2 and x.shape[-1] > 1 and x.shape[0] > 1:
         example = x[:1]
-        if scale.shape[-1] == 1:
-            scale = torch.empty_like(example, dtype=scale.dtype).copy_(scale.expand_as(example))
-        if shift.shape[-1] == 1:
-            shift = torch.empty_like(example, dtype=shift.dtype).copy_(shift.expand_as(example))
+
+        def plane(operand: torch.Tensor) -> torch.Tensor:
+            per_channel = operand.dim() == x.dim() and operand.shape[-1] == 1
+            if not per_channel or operand.shape[0] != 1:
+                return operand
+            return torch.empty_like(example, dtype=operand.dtype).copy_(operand.expand_as(example))
+
+        scale, shift = plane(scale), plane(shift)
     return torch.addcmul(shift, x, scale)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -87,15 +88,24 @@ def test_same_seed_gives_the_same_numbers(tmp_path):
     assert (first.train_loss, first.test_acc) == (second.train_loss, second.test_acc)
 
 
+@pytest.mark.skipif(
+    not any(shutil.which(name) for name in ("c++", "g++", "clang++")),
+    reason="torch.compile on a CPU needs a C++ compiler",
+)
 def test_compiled_training_steps_give_the_eager_numbers(tmp_path):
     """``--compile`` changes how the steps run, not what they compute: the same run, compiled,
     agrees with the eager one up to float rounding, and shares its comparison key."""
+    from torch._dynamo.utils import counters
+
     config = RunConfig(
         norm="batchnorm", runs_dir=str(tmp_path), epochs=1, train_subset=1024, test_subset=512,
         lr=0.1, device="cpu",
     )  # fmt: skip
     eager = run_experiment(config, progress=False)
+    torch._dynamo.reset()
+    counters.clear()
     compiled = run_experiment(replace(config, compile=True), progress=False)
+    assert counters["stats"]["unique_graphs"] >= 1  # the steps did run through torch.compile
     assert compiled.epochs[0].train_loss == pytest.approx(eager.epochs[0].train_loss, rel=1e-4)
     assert abs(compiled.epochs[0].test_acc - eager.epochs[0].test_acc) <= 2 / 512
     for name, value in eager.model.state_dict().items():

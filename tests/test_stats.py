@@ -35,11 +35,13 @@ def test_channel_sum_and_moments_equal_torch_reductions(layout, shape):
     torch.testing.assert_close(var, ref_var, rtol=1e-10, atol=0)
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("layout,shape", SHAPES)
+@pytest.mark.parametrize(
+    "layout,shape,channels_last",
+    [(layout, shape, False) for layout, shape in SHAPES] + [("conv", (5, 3, 6, 4), True)],
+)
 def test_multiply_add_is_scale_times_x_plus_shift(layout, shape, channels_last):
     x = torch.randn(shape, dtype=torch.float64)
-    if channels_last and x.dim() == 4:
+    if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     spec = get_layout(layout)
     channels = x.shape[spec.channel_axis]
@@ -47,8 +49,19 @@ def test_multiply_add_is_scale_times_x_plus_shift(layout, shape, channels_last):
     shift = torch.randn(channels, dtype=torch.float64).reshape(spec.channel_shape(channels))
     out = multiply_add(x, scale, shift)
     torch.testing.assert_close(out, scale * x + shift, rtol=1e-14, atol=1e-14)
+    if channels_last:
+        assert out.is_contiguous(memory_format=torch.channels_last)  # x's format is kept
     full_shift = torch.randn(shape, dtype=torch.float64)  # a shift as large as x works too
     torch.testing.assert_close(multiply_add(x, scale, full_shift), scale * x + full_shift)
+
+
+def test_multiply_add_takes_any_broadcastable_scale_and_shift():
+    x = torch.randn(4, 3, 5, 6, dtype=torch.float64)
+    per_example = torch.randn(4, 3, 1, 1, dtype=torch.float64)
+    scalar = torch.tensor(2.0, dtype=torch.float64)
+    row = torch.randn(6, dtype=torch.float64)
+    for scale, shift in ((per_example, scalar), (scalar, per_example), (row, per_example)):
+        torch.testing.assert_close(multiply_add(x, scale, shift), scale * x + shift)
 
 
 @pytest.mark.parametrize("batch", [1, 3])

@@ -159,6 +159,15 @@ def parse_page(path: Path | str) -> Page:
     baseline = spec.get("baseline", labels[0])
     if baseline not in labels:
         raise PageError(f"{where}: {suggest('baseline', baseline, labels)}")
+    paired = set(variants[labels.index(baseline)].seeds or seeds)
+    for variant in variants:
+        unpaired = sorted(set(variant.seeds or seeds) - paired)
+        if unpaired:
+            raise PageError(
+                f"{where}: variant {variant.label!r} has seeds {unpaired} that the baseline "
+                f"{baseline!r} does not run, so they could not be paired; give it a subset of "
+                "the baseline's seeds"
+            )
     plots = spec.get("plots", ["curves", "finals"])
     if not isinstance(plots, list):
         raise PageError(f'{where}: plots must be a list, e.g. ["curves", "finals"]')
@@ -238,7 +247,9 @@ def _variants(spec: dict[str, Any], where: str) -> list[Variant]:
             label = entry.pop("label", None)
             if label is not None and not isinstance(label, str):
                 raise PageError(f"{where}: a variant's label must be a string, got {label!r}")
-            seeds = _seeds(entry.pop("seeds"), where) if "seeds" in entry else None
+            seeds = None
+            if "seeds" in entry:
+                seeds = _seeds(entry.pop("seeds"), f"{where}: variant {label!r}")
             own = _settings(entry, where, "[[variant]]")
             settings = {**base, **from_grid, **own}
             if "norm_options" in settings and not isinstance(settings["norm_options"], dict):

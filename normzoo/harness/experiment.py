@@ -308,6 +308,11 @@ def _run_in_group(
 ) -> RunResult:
     processes = current()
     progress = progress and processes.main
+    if config.compile and processes.world > 1:
+        raise NormzooError(
+            f"--compile runs in one process only, but this is one of {processes.world} "
+            "(torchrun); drop --compile"
+        )
     model, data, record_of_config = _prepare(config, device)
 
     trained: nn.Module = model

@@ -294,7 +294,15 @@ def supports(x: torch.Tensor) -> bool:
     and not inside ``torch.compile``, which cannot trace into numba (it compiles the torch
     operations instead)."""
     cpu = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-    return cpu and numba is not None and not torch.compiler.is_compiling()
+    return cpu and numba is not None and not _compiling()
+
+
+def _compiling() -> bool:
+    """Whether ``torch.compile`` is tracing (``torch.compiler.is_compiling`` since torch 2.3)."""
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling()
+    return torch._dynamo.is_compiling()
 
 
 @contextmanager
