@@ -89,7 +89,13 @@ def test_a_grid_times_a_variant_list_gives_labelled_variants(tmp_path):
         ('[base]\nepochs = "one"\n', "epochs must be int, got 'one'"),
         ("[base]\nlr = true\n", "lr must be int or float, got True"),
         ("seeds = [true]\n", "seeds must be a count >= 1 or a list"),
-        ("[[variant]]\nseeds = 0\n", "seeds must be a count >= 1 or a list"),
+        ("[[variant]]\nseeds = 0\n", "variant None: seeds must be a count >= 1 or a list"),
+        (
+            'seeds = 2\n[[variant]]\nlabel = "a"\n[[variant]]\nlabel = "b"\nseeds = [1, 7]\n',
+            "variant 'b' has seeds [7] that its baseline 'a' does not run",
+        ),
+        ('[[variant]]\nlabel = "a"\nbaseline = "z"\n', "variant 'a': unknown baseline 'z'"),
+        ('[[variant]]\nlabel = "a"\nbaseline = 2\n', "baseline must be a label, got 2"),
     ],
 )
 def test_a_bad_experiment_block_is_one_error_naming_the_page_and_line(tmp_path, block, message):
@@ -215,8 +221,44 @@ def test_a_variant_with_its_own_seeds_runs_and_pairs_only_those(tmp_path, capsys
     assert "3 runs: 0 stored, 3 to run" in capsys.readouterr().out
     text = page.read_text()
     row = next(line for line in text.splitlines() if line.startswith("| without bias |"))
-    assert row.split("|")[2].strip() == "1"  # one seed, paired with the baseline's seed 1
+    assert row.split("|")[2].strip() == "1"
+    results = {}
+    for path in (tmp_path / "results").glob("*.json"):
+        result = json.loads(path.read_text())
+        results[result["label"], result["config"]["seed"]] = result["epochs"][-1]["test_acc"]
+    paired = results["without bias", 1] - results["with bias", 1]  # seed 1 with seed 1 only
+    assert row.split("|")[-2].strip() == f"{round(paired, 3) + 0.0:+.3f} n/a"
     assert "seeds 0, 1; their own seeds: without bias 1;" in text
+    assert check([page]) == []
+
+
+def test_a_variant_can_name_its_own_baseline(tmp_path):
+    block = TWO_ARMS + textwrap.dedent("""
+        [[variant]]
+        label = "lr 0.5"
+        lr = 0.5
+
+        [[variant]]
+        label = "without bias, lr 0.5"
+        bias_before_norm = false
+        lr = 0.5
+        baseline = "lr 0.5"
+        """)  # fmt: skip
+    page = write_page(tmp_path, block)
+    assert compare([page], QUIET) == 0
+    results = {}
+    for path in (tmp_path / "results").glob("*.json"):
+        result = json.loads(path.read_text())
+        results[result["label"], result["config"]["seed"]] = result["epochs"][-1]["test_acc"]
+    text = page.read_text()
+    assert "| paired difference (95%) to with bias, or as named |" in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    paired = [results["without bias, lr 0.5", s] - results["lr 0.5", s] for s in (0, 1)]
+    cell = rows["without bias, lr 0.5"].split("|")[-2].strip()
+    assert cell.startswith(f"{round(sum(paired) / 2, 3) + 0.0:+.3f} [")
+    assert cell.endswith(" to lr 0.5")
+    assert not rows["lr 0.5"].split("|")[-2].strip().endswith("to lr 0.5")  # the page's baseline
+    assert "(or to the variant its cell names)" in text
     assert check([page]) == []
 
 

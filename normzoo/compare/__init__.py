@@ -121,11 +121,11 @@ def _summaries(page: Page, planned: list[_PlannedRun]) -> tuple[list[VariantSumm
             missing += 1
         else:
             by_variant[run.variant.label][run.seed] = result
-    baseline = by_variant[page.baseline]
-    summaries = [
-        summarize(label, runs, None if label == page.baseline else baseline)
-        for label, runs in by_variant.items()
-    ]
+    summaries = []
+    for variant in page.variants:
+        baseline = variant.baseline or page.baseline
+        paired = None if baseline == variant.label else by_variant[baseline]
+        summaries.append(summarize(variant.label, by_variant[variant.label], paired))
     return summaries, missing
 
 

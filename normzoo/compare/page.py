@@ -23,6 +23,13 @@ The experiment is a fenced block with the info string ``normzoo`` holding TOML::
     label = "batch 16"
     batch_size = 16
     seeds = 2                      # a variant's own seeds, where the budget fits fewer
+
+    [[variant]]
+    label = "no bias, batch 16"
+    bias_before_norm = false
+    batch_size = 16
+    seeds = 2
+    baseline = "batch 16"          # paired with this variant instead of the page's baseline
     ```
 
 Keys of ``base``, ``grid`` and a variant are :class:`~normzoo.harness.experiment.RunConfig`
@@ -72,6 +79,8 @@ class Variant:
     settings: dict[str, Any]
     #: The variant's own seeds, where a budget fits fewer runs than the page's ``seeds``.
     seeds: list[int] | None = None
+    #: The label of the variant it is paired with, where not the page's baseline.
+    baseline: str | None = None
 
     def config(self, seed: int) -> RunConfig:
         return RunConfig(**self.settings, seed=seed)
@@ -159,13 +168,17 @@ def parse_page(path: Path | str) -> Page:
     baseline = spec.get("baseline", labels[0])
     if baseline not in labels:
         raise PageError(f"{where}: {suggest('baseline', baseline, labels)}")
-    paired = set(variants[labels.index(baseline)].seeds or seeds)
     for variant in variants:
+        own = variant.baseline or baseline
+        if own not in labels:
+            unknown = suggest("baseline", own, labels)
+            raise PageError(f"{where}: variant {variant.label!r}: {unknown}")
+        paired = set(variants[labels.index(own)].seeds or seeds)
         unpaired = sorted(set(variant.seeds or seeds) - paired)
         if unpaired:
             raise PageError(
-                f"{where}: variant {variant.label!r} has seeds {unpaired} that the baseline "
-                f"{baseline!r} does not run, so they could not be paired; give it a subset of "
+                f"{where}: variant {variant.label!r} has seeds {unpaired} that its baseline "
+                f"{own!r} does not run, so they could not be paired; give it a subset of "
                 "the baseline's seeds"
             )
     plots = spec.get("plots", ["curves", "finals"])
@@ -250,6 +263,11 @@ def _variants(spec: dict[str, Any], where: str) -> list[Variant]:
             seeds = None
             if "seeds" in entry:
                 seeds = _seeds(entry.pop("seeds"), f"{where}: variant {label!r}")
+            own_baseline = entry.pop("baseline", None)
+            if own_baseline is not None and not isinstance(own_baseline, str):
+                raise PageError(
+                    f"{where}: variant {label!r}: baseline must be a label, got {own_baseline!r}"
+                )
             own = _settings(entry, where, "[[variant]]")
             settings = {**base, **from_grid, **own}
             if "norm_options" in settings and not isinstance(settings["norm_options"], dict):
@@ -259,7 +277,7 @@ def _variants(spec: dict[str, Any], where: str) -> list[Variant]:
                 label = ", ".join(parts) or settings.get("norm", "batchnorm")
             elif from_grid:
                 label = ", ".join([label, *(_describe(k, v) for k, v in from_grid.items())])
-            variants.append(Variant(label, settings, seeds))
+            variants.append(Variant(label, settings, seeds, own_baseline))
     labels = [v.label for v in variants]
     duplicated = sorted({label for label in labels if labels.count(label) > 1})
     if duplicated:
