@@ -5,6 +5,10 @@ torch operations (and autograd) for the fused CPU loops."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -470,3 +474,26 @@ def test_eval_with_gradients_after_an_inference_mode_pass():
     x = sample((8, 3, 4, 4), 3).requires_grad_()
     module(x).sum().backward()  # a saliency map, say
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(kernel.numba is None, reason="numba is not installed")
+def test_numbas_thread_pool_is_sized_to_the_process_share_of_the_cores():
+    """A pool of the machine's cores in a process given one thread made a training step 20x
+    slower when other processes shared the cores (see the kernel's docstring)."""
+    code = (
+        "from normzoo_plugins.pit import kernel; import torch; "
+        "print(torch.get_num_threads(), kernel.numba.config.NUMBA_NUM_THREADS)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env | {"OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert out.split() == ["1", "1"]
+    from normzoo.compare.execute import _worker_start
+
+    before = dict(os.environ)
+    try:
+        _worker_start(torch.get_num_threads())
+        assert os.environ["NUMBA_NUM_THREADS"] == str(torch.get_num_threads())
+    finally:
+        os.environ.clear()
+        os.environ.update(before)

@@ -79,7 +79,8 @@ def execute(run: PendingRun, threads: int) -> dict[str, Any]:
 
 
 def _worker_start(threads: int) -> None:
-    os.environ["OMP_NUM_THREADS"] = str(threads)
+    # numba's pool (pit's loops) is sized from the environment when first imported
+    os.environ.update(OMP_NUM_THREADS=str(threads), NUMBA_NUM_THREADS=str(threads))
     torch.set_num_threads(threads)
 
 

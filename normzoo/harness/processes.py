@@ -109,7 +109,7 @@ def _worker(
 
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads),
+        MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads), NUMBA_NUM_THREADS=str(threads),
         NORMZOO_RUN_DIRECTORY_NOTE=note,
     )  # fmt: skip
     torch.set_num_threads(threads)

@@ -26,11 +26,19 @@ parallel loop run at a time, which the ``workqueue`` layer (numba's fallback whe
 missing) needs when several Python threads call ``pit``. Without numba, :func:`supports` is
 false and torch operations do all the work.
 
+numba sizes its thread pool once, when it is imported: to ``NUMBA_NUM_THREADS``, else the
+machine's cores. A pool larger than the process's share of the cores thrashes when other
+processes share them: with two other training processes on this project's two cores, a
+1-thread LeNet step with ``pit`` took 680 ms against 30 ms with a pool of one. So, unless
+``NUMBA_NUM_THREADS`` is set, the pool is sized to torch's thread count at import, and
+normzoo's process launchers (``normzoo compare --jobs``, ``--nproc``) set it per process.
+
 ``tests/test_pit.py`` checks both against their torch equivalents.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,6 +48,7 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
+os.environ.setdefault("NUMBA_NUM_THREADS", str(torch.get_num_threads()))
 try:
     import numba
 except ImportError:  # pragma: no cover (numba is a dependency; without it torch does the work)
