@@ -53,6 +53,15 @@ bias_before_norm = false
 QUIET = CompareConfig(progress=False)
 
 
+def final_accuracies(results_dir: Path) -> dict[tuple[str, int], float]:
+    """The final test accuracy of each stored run, by (variant label, seed)."""
+    accuracies = {}
+    for path in results_dir.glob("*.json"):
+        result = json.loads(path.read_text())
+        accuracies[result["label"], result["config"]["seed"]] = result["epochs"][-1]["test_acc"]
+    return accuracies
+
+
 def test_a_grid_times_a_variant_list_gives_labelled_variants(tmp_path):
     page = parse_page(write_page(tmp_path, """\
         seeds = [3, 5]
@@ -222,10 +231,7 @@ def test_a_variant_with_its_own_seeds_runs_and_pairs_only_those(tmp_path, capsys
     text = page.read_text()
     row = next(line for line in text.splitlines() if line.startswith("| without bias |"))
     assert row.split("|")[2].strip() == "1"
-    results = {}
-    for path in (tmp_path / "results").glob("*.json"):
-        result = json.loads(path.read_text())
-        results[result["label"], result["config"]["seed"]] = result["epochs"][-1]["test_acc"]
+    results = final_accuracies(tmp_path / "results")
     paired = results["without bias", 1] - results["with bias", 1]  # seed 1 with seed 1 only
     assert row.split("|")[-2].strip() == f"{round(paired, 3) + 0.0:+.3f} n/a"
     assert "seeds 0, 1; their own seeds: without bias 1;" in text
@@ -246,10 +252,7 @@ def test_a_variant_can_name_its_own_baseline(tmp_path):
         """)  # fmt: skip
     page = write_page(tmp_path, block)
     assert compare([page], QUIET) == 0
-    results = {}
-    for path in (tmp_path / "results").glob("*.json"):
-        result = json.loads(path.read_text())
-        results[result["label"], result["config"]["seed"]] = result["epochs"][-1]["test_acc"]
+    results = final_accuracies(tmp_path / "results")
     text = page.read_text()
     assert "| paired difference (95%) to with bias, or as named |" in text
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
