@@ -20,6 +20,7 @@ from normzoo.cli import main
 from normzoo.compare import CompareConfig, _plan, _seed_major, check, compare, parse_shard
 from normzoo.compare.cache import resolved_config, run_key
 from normzoo.compare.page import BEGIN, END, PageError, parse_page
+from normzoo.compare.render import _interval
 from normzoo.compare.summary import Interval
 from normzoo.harness.experiment import RunConfig
 
@@ -138,6 +139,16 @@ def test_intervals_agree_with_scipy():
     assert math.isclose(interval.low, low) and math.isclose(interval.high, high)
     assert math.isclose(interval.std, np.std(values, ddof=1))
     assert Interval.of([0.5]).n == 1 and math.isnan(Interval.of([0.5]).low)
+
+
+def test_a_paired_interval_that_crosses_zero_never_reads_as_touching_it():
+    # A bound of -0.00006 rounds to zero; its sign must survive, or "[+0.000, +0.012]" would
+    # read as a measurable gain when the interval crosses zero.
+    crossing = Interval(mean=0.006, std=0.005, low=-0.00006, high=0.012, n=5)
+    assert _interval(crossing, sign=True) == "[-0.000, +0.012]"
+    touching = Interval(mean=0.006, std=0.005, low=0.00004, high=0.012, n=5)
+    assert _interval(touching, sign=True) == "[+0.000, +0.012]"
+    assert _interval(Interval(0.5, 0.1, -0.00001, 0.9, 5)) == "[0.000, 0.900]"
 
 
 def test_compare_fills_the_section_and_check_catches_a_hand_edited_number(tmp_path):

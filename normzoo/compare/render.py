@@ -19,8 +19,11 @@ from normzoo.harness.runs import atomic_write_bytes
 def _number(value: float, decimals: int = 3, sign: bool = False) -> str:
     if math.isnan(value):
         return "n/a"
-    value = round(value, decimals) + 0.0  # no "-0.000" for a difference that rounds to zero
-    return f"{value:+.{decimals}f}" if sign else f"{value:.{decimals}f}"
+    if sign:
+        # The sign of the unrounded value: an interval bound of -0.00006 reads "-0.000", so
+        # an interval that crosses zero never reads as if it only touched it.
+        return f"{'-' if value < 0 else '+'}{abs(value):.{decimals}f}"
+    return f"{round(value, decimals) + 0.0:.{decimals}f}"  # no "-0.000" for a tiny negative
 
 
 def _interval(interval: Interval, sign: bool = False) -> str:
