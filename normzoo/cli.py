@@ -30,6 +30,32 @@ EPILOG = """examples:
 """
 
 
+COMPARE_EPILOG = """a page, the smallest (any Markdown file; GitHub shows it as it is):
+
+  ```normzoo
+  seeds = 3                   # a count, or a list of seeds
+  baseline = "batchnorm"      # the variant the others are paired with
+
+  [[variant]]
+  label = "batchnorm"
+  norm = "batchnorm"
+
+  [[variant]]
+  label = "layer norm, lr 0.3"
+  norm = "layernorm"
+  lr = 0.3
+  ```
+
+  <!-- normzoo:results:begin -->
+  <!-- normzoo:results:end -->
+
+Every key (a [grid] of settings, [base] settings, a variant's own seeds or baseline, the results \
+and figures directories, the plots) is described in docs/writing-a-plugin.md, section 8, and \
+in the docstring of normzoo/compare/page.py. A variant's settings are `normzoo run`'s options, \
+spelled with underscores (batch_size, precise_stats). \
+--check trains nothing, so it takes no --jobs, --threads, --shard or --smoke."""
+
+
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line, like every other normzoo error.
 
@@ -39,6 +65,27 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"normzoo: error: {message} (see `{self.prog} --help`)\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default where it tells something, and keeps indented blocks of a text as written.
+
+    A flag's ``False``, a ``None`` that means "not given" and an empty list say nothing that the
+    help text does not; an indented block (an example page, a command) must not be re-wrapped.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action.default, bool) or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n\n".join(
+            textwrap.indent(block, indent) if block.startswith("  ") else
+            textwrap.fill(" ".join(block.split()), width, initial_indent=indent,
+                          subsequent_indent=indent)
+            for block in text.split("\n\n")
+        )  # fmt: skip
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -91,14 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train LeNet on Fashion-MNIST with the chosen norm. Writes config.json, "
         "metrics.json (after every epoch), model.pt and curves.png to a new directory under "
         "--runs-dir. Defaults are the textbook's: lr 1.0, 10 epochs, batch 256, sigmoid.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     run.add_argument("--norm", default="batchnorm", help="registered norm (see `normzoo list`)")
     run.add_argument(
         "--norm-opt", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
         help="norm option, repeatable; converted by its declared type (see `normzoo info NAME`)",
     )  # fmt: skip
-    run.add_argument("--activation", default="sigmoid", choices=["sigmoid", "relu"])
+    run.add_argument(
+        "--activation", default="sigmoid", choices=["sigmoid", "relu"],
+        help="LeNet's activation after each norm",
+    )  # fmt: skip
     run.add_argument(
         "--placement", default="all", choices=["all", "conv", "fc", "none"],
         help="which layers get a norm",
@@ -114,9 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--freeze-affine", action="store_true",
         help="keep every norm's gamma at 1 and beta at 0 (builds the norms with affine=false)",
     )  # fmt: skip
-    run.add_argument("--epochs", type=_positive_int, default=10)
+    run.add_argument("--epochs", type=_positive_int, default=10, help="passes over the data")
     run.add_argument("--lr", type=float, default=1.0, help="SGD learning rate")
-    run.add_argument("--batch-size", type=_positive_int, default=256)
+    run.add_argument(
+        "--batch-size", type=_positive_int, default=256,
+        help="examples per SGD step (the last incomplete batch of an epoch is dropped)",
+    )  # fmt: skip
     run.add_argument(
         "--seed", type=_seed, default=0, help="0 to 2**63 - 1; same seed, same numbers on a CPU"
     )
@@ -180,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         "training step and an eval forward; alone: one layer at each of LeNet's four norm "
         "shapes), in alternating rounds, and print the median ratio and the bytes saved for "
         "backward: speeds measured in separate runs on a shared machine are not comparable.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     bench.add_argument(
         "--norms", type=_names, default=None, metavar="A,B",
@@ -204,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="in --end-to-end, also time the harness with `normzoo run --compile` (compile "
         "time included: it pays off over several --epochs)",
     )  # fmt: skip
-    bench.add_argument("--batch-size", type=_positive_int, default=256)
+    bench.add_argument("--batch-size", type=_positive_int, default=256, help="examples per step")
     bench.add_argument("--threads", type=_positive_int, default=2, help="torch threads, fixed")
     bench.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     bench.add_argument("--rounds", type=_positive_int, default=7, help="alternating rounds")
@@ -228,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
         "comparison resumes where it stopped), then rewrites the generated sections (a table "
         "with means, 95% intervals and paired differences to the baseline) and the plots. "
         "See docs/exercises/ for pages.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=COMPARE_EPILOG,
+        formatter_class=_HelpFormatter,
     )
     comparison.add_argument("paths", nargs="+", metavar="PAGE", help="pages or directories")
     comparison.add_argument(
@@ -322,7 +376,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from normzoo.compare import CompareConfig, check, compare, parse_shard
+    from normzoo.compare import CompareConfig, check, checked_pages, compare, counted, parse_shard
 
     if args.check:
         if args.jobs != 1 or args.threads or args.shard is not None or args.smoke:
@@ -331,7 +385,10 @@ def _compare(args: argparse.Namespace) -> int:
         problems = check(args.paths)
         for problem in problems:
             print(problem, file=sys.stderr)
-        print(f"{len(problems)} problem(s)" if problems else "all pages in step with their results")
+        if problems:
+            print(counted(len(problems), "problem"))
+        else:
+            print(f"{counted(checked_pages(args.paths), 'page')} in step with their results")
         return 1 if problems else 0
     config = CompareConfig(
         jobs=args.jobs,

@@ -34,6 +34,10 @@ def test_info_shows_options_defaults_and_reference(capsys):
 def test_plugins_shows_versions(capsys):
     assert main(["plugins"]) == 0
     assert "batchnorm (normzoo " in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    out = capsys.readouterr().out
+    assert "<!-- normzoo:results:begin -->" in out and "docs/writing-a-plugin.md" in out
 
 
 @pytest.mark.parametrize(
@@ -194,12 +198,17 @@ def test_help_explains_every_command(capsys):
         [sys.executable, "-m", "normzoo", "--help"], capture_output=True, text=True
     )
     assert completed.returncode == 0 and "usage: normzoo" in completed.stdout
-    for argv in (["run", "--help"], ["info", "--help"], ["plugins", "--help"]):
+    for command in ("run", "info", "plugins", "bench", "compare"):
         with pytest.raises(SystemExit) as exited:
-            main(argv)
+            main([command, "--help"])
         assert exited.value.code == 0
         out = capsys.readouterr().out
-        assert out.startswith(f"usage: normzoo {argv[0]}")
+        assert out.startswith(f"usage: normzoo {command}")
+        # a default is shown where it tells something: not a flag's False, not "not given"
+        assert not any(
+            noise in out
+            for noise in ("(default: True)", "(default: False)", "(default: None)", "(default: [])")
+        ), out
     main_help = completed.stdout
     assert all(command in main_help for command in ("run", "list", "info", "plugins"))
     with pytest.raises(SystemExit):

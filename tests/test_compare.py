@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from normzoo.cli import main
+from normzoo.cli import COMPARE_EPILOG, main
 from normzoo.compare import CompareConfig, _plan, _seed_major, check, compare, parse_shard
 from normzoo.compare.cache import resolved_config, run_key
 from normzoo.compare.page import BEGIN, END, PageError, parse_page
@@ -91,7 +91,6 @@ def test_a_grid_times_a_variant_list_gives_labelled_variants(tmp_path):
         ('baseline = "nope"\n', "unknown baseline 'nope'"),
         ("[grid]\nlr = 1.0\n", "[grid] lr must be a non-empty list"),
         ("seeds = 2.5\n", "seeds must be a count >= 1 or a list"),
-        ("[base\n", "not valid TOML"),
         ('[[variant]]\nlabel = "a"\n[[variant]]\nlabel = "a"\n', "share the label 'a'"),
         ("baseline = 1\n", "baseline must be a string"),
         ('plots = "curves"\n', "plots must be a list"),
@@ -112,6 +111,20 @@ def test_a_bad_experiment_block_is_one_error_naming_the_page_and_line(tmp_path, 
     with pytest.raises(PageError, match=r"page\.md:5: .*") as raised:
         parse_page(write_page(tmp_path, block))
     assert message in str(raised.value)
+
+
+def test_a_toml_error_names_the_line_and_column_on_the_page(tmp_path):
+    # tomllib counts from the block's first line; the page's fence is on line 5
+    with pytest.raises(PageError, match=r"page\.md:7:12: the experiment block is not valid TOML"):
+        parse_page(write_page(tmp_path, "seeds = 2\nbaseline = bn\n"))
+
+
+def test_the_page_in_compare_help_is_a_valid_page_that_runs(tmp_path):
+    indented = [line for line in COMPARE_EPILOG.splitlines() if line.startswith("  ")]
+    page = tmp_path / "page.md"
+    page.write_text(textwrap.dedent("\n".join(indented)) + "\n")
+    assert len(parse_page(page).variants) == 2
+    assert compare([page], CompareConfig(smoke=True, progress=False)) == 0
 
 
 def test_a_page_without_markers_is_refused(tmp_path):

@@ -156,8 +156,8 @@ def compare(
         # torch's thread count honours OMP_NUM_THREADS; the jobs share it
         threads = config.threads or max(1, torch.get_num_threads() // jobs)
         say(
-            f"{len(ordered)} runs: {len(ordered) - len(todo)} stored, {len(todo)} to run "
-            f"({jobs} process(es), {threads} thread(s) each)"
+            f"{counted(len(ordered), 'run')}: {len(ordered) - len(todo)} stored, {len(todo)} to "
+            f"run ({counted(jobs, 'process', 'processes')}, {counted(threads, 'thread')} each)"
         )
         failures = _run_with_progress(todo, jobs, threads, config.progress, say)
         for page in pages:
@@ -210,6 +210,16 @@ def _run_with_progress(
         raise
     bar.close()
     return failures
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``n`` and the noun, singular for one: ``counted(1, "run")`` is ``"1 run"``."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
+def checked_pages(paths: Sequence[Path | str]) -> int:
+    """How many pages :func:`check` reads at ``paths``: experiment pages and bench pages."""
+    return len(set(find_pages(list(paths))) | set(bench_page.find_pages(list(paths))))
 
 
 def check(paths: Sequence[Path | str]) -> list[str]:

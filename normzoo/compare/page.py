@@ -154,7 +154,8 @@ def parse_page(path: Path | str) -> Page:
     try:
         spec = tomllib.loads(match.group(1))
     except tomllib.TOMLDecodeError as error:
-        raise PageError(f"{path}:{line}: the experiment block is not valid TOML: {error}") from None
+        raise PageError(f"{_toml_error_location(path, line, error)}: the experiment block is not "
+                        f"valid TOML: {_TOML_AT.sub('', str(error))}") from None  # fmt: skip
     where = f"{path}:{line}"
     for key in spec:
         if key not in _TOP_KEYS:
@@ -189,7 +190,10 @@ def parse_page(path: Path | str) -> Page:
             raise PageError(f"{where}: {suggest('plot', str(plot), PLOTS)}")
     begin, end = text.find(BEGIN), text.find(END)
     if begin < 0 or end < begin:
-        raise PageError(f"{path}: needs the markers {BEGIN} and, after it, {END}")
+        raise PageError(
+            f"{path}: needs the markers {BEGIN} and, after it, {END}: add the two lines where "
+            "the results should go (e.g. below the experiment block)"
+        )
     return Page(
         path=path,
         text=text,
@@ -203,6 +207,17 @@ def parse_page(path: Path | str) -> Page:
         begin=begin + len(BEGIN),
         end=end,
     )
+
+
+_TOML_AT = re.compile(r" \(at line (\d+), column (\d+)\)")
+
+
+def _toml_error_location(path: Path, fence_line: int, error: tomllib.TOMLDecodeError) -> str:
+    """``PAGE:LINE:COLUMN`` of a TOML error: tomllib counts lines from the block's start."""
+    at = _TOML_AT.search(str(error))
+    if at is None:
+        return f"{path}:{fence_line}"
+    return f"{path}:{fence_line + int(at[1])}:{at[2]}"
 
 
 def _is_int(value: Any) -> bool:
