@@ -4,8 +4,13 @@ batch; and a process that dies ends the run with an error naming it."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -98,3 +103,62 @@ def test_the_same_command_runs_under_torchrun(tmp_path):
     directory = run_directory(tmp_path)
     assert json.loads((directory / "config.json").read_text())["processes"] == 2
     assert json.loads((directory / "metrics.json").read_text())["status"] == "finished"
+
+
+def _children(pid: int) -> set[int]:
+    """The live child processes of ``pid`` (Linux /proc)."""
+    children = set()
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        children |= {int(child) for child in task.read_text().split()}
+    return children
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("when", ["starting", "training"])
+def test_sigterm_to_the_launcher_stops_every_process_and_records_the_run(tmp_path, when):
+    """Before, SIGTERM killed the launcher alone: its processes trained on as orphans and
+    finished a run that the user had stopped."""
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "normzoo", "run", "--nproc", "2", "--norm", "batchnorm",
+            "--epochs", "50", "--train-subset", "4096", "--test-subset", "128",
+            "--batch-size", "128", "--precise-stats", "0", "--no-progress",
+            "--runs-dir", str(tmp_path),
+        ],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "NORMZOO_DIST_TIMEOUT": "60"},
+    )  # fmt: skip
+    watchdog = threading.Timer(240, process.kill)
+    watchdog.start()
+    try:
+        if when == "training":
+            first = process.stdout.readline()
+            assert first.startswith("epoch  1: train loss"), (first, process.communicate())
+        else:
+            deadline = time.monotonic() + 120
+            while len(_children(process.pid)) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        workers = _children(process.pid)
+        assert len(workers) >= 2  # the two processes (and torch's resource tracker)
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate()
+    finally:
+        watchdog.cancel()
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err and "normzoo: terminated by SIGTERM after " in err
+    time.sleep(1)
+    assert not [pid for pid in workers if _alive(pid)]
+    runs = list(tmp_path.iterdir())
+    if when == "training" or runs:  # while starting, rank 0 may not have made it yet
+        metrics = json.loads((runs[0] / "metrics.json").read_text())
+        assert metrics["status"] == "interrupted", metrics
+        assert metrics["message"].startswith("terminated by SIGTERM after ")
+        assert len(metrics["epochs"]) < 50

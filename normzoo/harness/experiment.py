@@ -59,6 +59,12 @@ class RunInterrupted(KeyboardInterrupt):
         self.directory = directory
 
 
+def interruption_message(signal_number: int, finished_epochs: int) -> str:
+    """What ``metrics.json`` and the terminal say of a run that signal ``signal_number`` ended."""
+    verb = "interrupted" if signal_number == signal.SIGINT else "terminated"
+    return f"{verb} by {signal.Signals(signal_number).name} after {finished_epochs} finished epochs"
+
+
 def _raise_interrupt(signal_number: int, frame: object) -> None:
     raise RunInterrupted(f"stopped by {signal.Signals(signal_number).name}", signal_number)
 
@@ -366,10 +372,7 @@ def _run_in_group(
         return RunResult(directory, history, "diverged", model, str(error))
     except KeyboardInterrupt as error:
         number = getattr(error, "signal_number", signal.SIGINT)
-        message = (
-            f"{'interrupted' if number == signal.SIGINT else 'terminated'} by "
-            f"{signal.Signals(number).name} after {len(history)} finished epochs"
-        )
+        message = interruption_message(number, len(history))
         record_final("interrupted", message)
         raise RunInterrupted(message, number, directory and directory.path) from error
     except BaseException as error:

@@ -14,8 +14,13 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import signal
 import socket
 import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +33,8 @@ from normzoo.errors import NormzooError
 #: Seconds a collective waits for the other processes before the run fails
 #: (``NORMZOO_DIST_TIMEOUT`` overrides).
 TIMEOUT = 120
+#: Seconds the processes of a stopped run get to record it before they are killed.
+STOP_GRACE = 30
 
 
 class ProcessFailed(NormzooError):
@@ -107,6 +114,9 @@ def _worker(
 ) -> None:
     from normzoo.harness.experiment import run_experiment
 
+    # Ctrl-C reaches every process of the terminal's group; the launcher alone answers it,
+    # by stopping each process once with SIGTERM (see `_stops_forwarded`).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads), NUMBA_NUM_THREADS=str(threads),
@@ -127,7 +137,10 @@ def launch(config: Any, progress: bool) -> Path:
     The processes split the machine's cores evenly (``torch.set_num_threads``): with their
     default thread counts they would slow each other down many times over. When a process
     exits with an error, the others are stopped, the run directory (if one was made) records
-    ``failed`` with the process named, and :class:`ProcessFailed` is raised.
+    ``failed`` with the process named, and :class:`ProcessFailed` is raised. Ctrl-C or SIGTERM
+    to this process stops every process (SIGTERM, then SIGKILL on a second signal or after
+    :data:`STOP_GRACE` seconds); the run directory records ``interrupted`` and
+    :class:`~normzoo.harness.experiment.RunInterrupted` is raised.
     """
     import torch.multiprocessing as mp
 
@@ -136,22 +149,97 @@ def launch(config: Any, progress: bool) -> Path:
     threads = max(1, (os.cpu_count() or 1) // config.nproc)
     with tempfile.TemporaryDirectory(prefix="normzoo-nproc-") as scratch:
         note = str(Path(scratch) / "run-directory")
-        try:
-            mp.spawn(
-                _worker, args=(config, config.nproc, _free_port(), threads, note, progress),
-                nprocs=config.nproc, join=True,
-            )  # fmt: skip
-        except mp.ProcessRaisedException as error:
-            lines = str(error).strip().splitlines()
-            what = f"process {error.error_index} raised {lines[-1] if lines else 'an error'}"
-            raise ProcessFailed(_describe_failure(note, what)) from None
-        except mp.ProcessExitedException as error:
-            raise ProcessFailed(
-                _describe_failure(note, f"process {error.error_index} died ({error})")
-            ) from None
+        context = mp.spawn(
+            _worker, args=(config, config.nproc, _free_port(), threads, note, progress),
+            nprocs=config.nproc, join=False,
+        )  # fmt: skip
+        failure = None
+        with _stops_forwarded(context.processes) as stops:
+            try:
+                while not context.join(timeout=1):
+                    stops.kill_after_grace()
+            except mp.ProcessRaisedException as error:
+                lines = str(error).strip().splitlines()
+                failure = f"process {error.error_index} raised {lines[-1] if lines else 'an error'}"
+            except mp.ProcessExitedException as error:
+                failure = f"process {error.error_index} died ({error})"
+        if stops.received:
+            raise _record_interruption(note, stops.received[0])
+        if failure is not None:
+            raise ProcessFailed(_describe_failure(note, failure))
         path = Path(Path(note).read_text())
     RunDirectory(path)  # exists: rank 0 finished it
     return path
+
+
+class _Stops:
+    """The signals the launcher received, and what it did to its processes about them."""
+
+    def __init__(self, processes: list[Any]) -> None:
+        self.processes = processes
+        self.received: list[int] = []
+        self.first_at: float | None = None
+
+    def _signal_all(self, number: int) -> None:
+        for process in self.processes:
+            if process.is_alive():
+                try:
+                    os.kill(process.pid, number)
+                except ProcessLookupError:
+                    pass
+
+    def handle(self, number: int, frame: object) -> None:
+        self.received.append(number)
+        if self.first_at is None:
+            self.first_at = time.monotonic()
+            self._signal_all(signal.SIGTERM)  # each records its state and exits
+        else:
+            self._signal_all(signal.SIGKILL)  # asked twice: stop now
+
+    def kill_after_grace(self) -> None:
+        """A process blocked in a collective cannot run its handler until the collective
+        times out; past the grace period it is killed (the launcher records the run)."""
+        if self.first_at is not None and time.monotonic() - self.first_at > STOP_GRACE:
+            self._signal_all(signal.SIGKILL)
+
+
+@contextmanager
+def _stops_forwarded(processes: list[Any]) -> Iterator[_Stops]:
+    """While the processes run, Ctrl-C or SIGTERM to the launcher stops them all.
+
+    Without this, SIGTERM killed the launcher alone and its processes trained on as orphans,
+    and finished a run the user had stopped. Signal handlers can only be set in the main
+    thread; elsewhere the processes are left to the caller.
+    """
+    stops = _Stops(processes)
+    if threading.current_thread() is not threading.main_thread():
+        yield stops
+        return
+    numbers = (signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.signal(number, stops.handle) for number in numbers}
+    try:
+        yield stops
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _record_interruption(note: str, number: int) -> BaseException:
+    """The run was stopped by signal ``number``: its directory (if rank 0 made one) records
+    ``interrupted``, whatever its processes managed to write before they ended."""
+    from normzoo.harness.experiment import RunInterrupted, interruption_message
+    from normzoo.harness.runs import METRICS, atomic_write_json
+
+    if not os.path.exists(note):
+        return RunInterrupted(interruption_message(number, 0), number)
+    directory = Path(Path(note).read_text())
+    metrics_path = directory / METRICS
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    metrics.setdefault("epochs", [])
+    message = interruption_message(number, len(metrics["epochs"]))
+    metrics.update(status="interrupted", message=message)
+    atomic_write_json(metrics_path, metrics)
+    return RunInterrupted(message, number, directory)
 
 
 def _describe_failure(note: str, what: str) -> str:
