@@ -162,7 +162,9 @@ def find_pages(paths: list[Path | str]) -> list[Path]:
     files: list[Path] = []
     for path in map(Path, paths):
         files += sorted(path.rglob("*.md")) if path.is_dir() else [path]
-    return [f for f in files if f.is_file() and BEGIN in f.read_text(encoding="utf-8")]
+    return [
+        f for f in files if f.is_file() and BEGIN in f.read_text(encoding="utf-8", errors="replace")
+    ]
 
 
 def check(paths: list[Path | str]) -> list[str]:

@@ -388,7 +388,9 @@ def _compare(args: argparse.Namespace) -> int:
         if problems:
             print(counted(len(problems), "problem"))
         else:
-            print(f"{counted(checked_pages(args.paths), 'page')} in step with their results")
+            pages = checked_pages(args.paths)
+            their = "its" if pages == 1 else "their"
+            print(f"{counted(pages, 'page')} in step with {their} results")
         return 1 if problems else 0
     config = CompareConfig(
         jobs=args.jobs,

@@ -127,6 +127,13 @@ def test_the_page_in_compare_help_is_a_valid_page_that_runs(tmp_path):
     assert compare([page], CompareConfig(smoke=True, progress=False)) == 0
 
 
+def test_a_directory_with_a_file_that_is_not_utf8_is_searched_without_a_traceback(tmp_path):
+    (tmp_path / "notes.md").write_bytes(b"# notes\n\xff\xfe latin-1 bytes\n")
+    (tmp_path / "page.md").write_bytes(b"# page\n\xff\n```normzoo\nseeds = 1\n```\n")
+    (problem,) = check([tmp_path])
+    assert problem.startswith(f"{tmp_path / 'page.md'}: cannot be read as UTF-8 text")
+
+
 def test_a_page_without_markers_is_refused(tmp_path):
     page = tmp_path / "page.md"
     page.write_text("```normzoo\nseeds = 1\n```\n")

@@ -129,7 +129,10 @@ def find_pages(paths: list[Path | str]) -> list[Path]:
     for given in paths:
         path = Path(given)
         if path.is_dir():
-            pages += [p for p in sorted(path.rglob("*.md")) if _FENCE.search(p.read_text())]
+            # undecodable bytes cannot hide a block; a page that has one and is not UTF-8 is
+            # refused by name when it is parsed
+            found = sorted(path.rglob("*.md"))
+            pages += [p for p in found if _FENCE.search(p.read_text("utf-8", errors="replace"))]
         elif path.is_file():
             pages.append(path)
         else:

@@ -19,6 +19,7 @@ import socket
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -146,7 +147,14 @@ def launch(config: Any, progress: bool) -> Path:
 
     from normzoo.harness.runs import RunDirectory
 
-    threads = max(1, (os.cpu_count() or 1) // config.nproc)
+    cores = os.cpu_count() or 1
+    if config.nproc > cores:
+        warnings.warn(
+            f"--nproc {config.nproc} on {cores} cores: the processes take turns on the cores, "
+            f"one thread each, which is slower than --nproc {cores}, not faster",
+            RuntimeWarning, stacklevel=2,
+        )  # fmt: skip
+    threads = max(1, cores // config.nproc)
     with tempfile.TemporaryDirectory(prefix="normzoo-nproc-") as scratch:
         note = str(Path(scratch) / "run-directory")
         context = mp.spawn(
