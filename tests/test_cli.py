@@ -56,6 +56,12 @@ def test_plugins_shows_versions(capsys):
         (["run", "--runs-dir", "{tmp}/afile/runs"], "is under {tmp}/afile, which is a file"),
         (["run", "--device", "mps"], "device 'mps' is not supported; normzoo runs on auto, cpu"),
         (["run", "--device", "meta"], "device 'meta' is not supported"),
+        (  # 3 fits conv1's 6 channels, not conv2's 16: the error names what fits every layer
+            ["run", "--norm", "groupnorm", "--norm-opt", "groups=3"],
+            "must divide num_features=16, got 3; choose one of 1, 2, 4, 8, 16 (LeNet normalizes "
+            "layers of 6, 16, 120, 84 channels with placement 'all'; values that fit all of "
+            "them: groups = 1, 2)",
+        ),
         (["run", "--lr", "inf"], "lr must be a finite number, got inf"),
         (["run", "--lr", "nan"], "lr must be a finite number, got nan"),
         (["run", "--dropout", "nan"], "dropout must be a finite number, got nan"),

@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 import normzoo
-from normzoo.interface import NormzooError, suggest
+from normzoo.interface import NormzooError, OptionError, suggest
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}
 #: Which layers get a norm: ``all``, only the ``conv`` ones, only the ``fc`` ones, or ``none``.
@@ -50,6 +50,50 @@ def norm_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
         for name, module in model.named_modules()
         if name and type(module) not in _NOT_NORMS
     ]
+
+
+#: The channels of LeNet's layers that a norm can follow, by layout.
+NORMALIZED_CHANNELS = {"conv": (6, 16), "fc": (120, 84)}
+
+
+def _check_options_fit_every_layer(
+    info: normzoo.NormInfo, given: Mapping[str, Any], resolved: Mapping[str, Any], placement: str
+) -> None:
+    """Refuse options that one of the normalized layers' channel counts rejects, naming the
+    values of a given integer option that every layer accepts.
+
+    Without this, each error suggested the values that fit its own layer (``groups`` dividing
+    6: 1, 2, 3, 6), and the next layer then refused the one taken (3 does not divide 16).
+    """
+    counts = [c for layout, cs in NORMALIZED_CHANNELS.items() if placement in ("all", layout)
+              for c in cs]  # fmt: skip
+
+    def fits(options: Mapping[str, Any]) -> bool:
+        try:
+            for count in counts:
+                info.check_options(options, count)
+        except OptionError:
+            return False
+        return True
+
+    for count in counts:
+        try:
+            info.check_options(resolved, count)
+        except OptionError as error:
+            failure = error
+            break
+    else:
+        return
+    fitting = {
+        key: [v for v in range(1, max(counts) + 1) if fits({**resolved, key: v})]
+        for key in given
+        if isinstance(resolved.get(key), int) and not isinstance(resolved[key], bool)
+    }
+    hints = [f"{key} = {', '.join(map(str, values))}" for key, values in fitting.items() if values]
+    layers = ", ".join(map(str, counts))
+    fit = f"; values that fit all of them: {'; '.join(hints)}" if hints else ""
+    where = f"LeNet normalizes layers of {layers} channels with placement {placement!r}"
+    raise OptionError(f"{failure} ({where}{fit})")
 
 
 def build_lenet(
@@ -89,7 +133,8 @@ def build_lenet(
         raise NormzooError(f"dropout must be in [0, 1), got {dropout!r}")
     options = dict(norm_options or {})
     info = normzoo.info(norm)  # fail early on an unknown name, even with placement "none"
-    info.resolve_options(options)  # a bad option is one line before anything is built
+    resolved = info.resolve_options(options)  # a bad option is one line before anything is built
+    _check_options_fit_every_layer(info, options, resolved, placement)
     for layout in ("conv", "fc"):
         if placement in ("all", layout) and layout not in info.layouts:
             other = "conv" if layout == "fc" else "fc"
