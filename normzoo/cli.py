@@ -435,6 +435,12 @@ def _run(args: argparse.Namespace) -> int:
         compile=args.compile,
     )
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 reports
+    if args.placement == "none" and (args.norm != "batchnorm" or args.norm_opt) and main_process:
+        warnings.warn(
+            f"--placement none puts no norm in LeNet: --norm {args.norm} and its options are "
+            "checked but not used (the run directory and config.json still name them)",
+            stacklevel=1,
+        )
 
     def report(metrics: EpochMetrics) -> None:
         if main_process:

@@ -85,6 +85,16 @@ def disabled_plugins() -> set[str]:
     return {name.strip() for name in os.environ.get(DISABLE_ENV, "").split(",") if name.strip()}
 
 
+def _warn_of_unknown_disabled(disabled: set[str], entry_points: list[Any]) -> None:
+    """A name in ``NORMZOO_DISABLE`` that no installed plugin has is most likely a typo, which
+    would otherwise leave the plugin it meant loaded without a word."""
+    names = {ep.name for ep in entry_points}
+    names |= {f"{ep.name} ({_distribution_name(ep)})" for ep in entry_points}
+    for name in sorted(disabled - names):
+        valid = sorted({ep.name for ep in entry_points})
+        warnings.warn(f"{DISABLE_ENV}: {suggest('plugin', name, valid)}", RuntimeWarning, 2)
+
+
 @dataclass
 class PluginRecord:
     """What the registry knows of one plugin: where it came from, its norms, its error.
@@ -190,7 +200,9 @@ class Registry:
         self._builtin_only = env_flag(BUILTIN_ONLY_ENV)
         disabled = disabled_plugins()
         owners: dict[str, str] = {}  # entry-point name -> distribution that took it
-        for entry_point in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=_load_order):
+        entry_points = sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=_load_order)
+        _warn_of_unknown_disabled(disabled, entry_points)
+        for entry_point in entry_points:
             distribution = _distribution_name(entry_point)
             if self._builtin_only and distribution != BUILTIN_DISTRIBUTION:
                 continue

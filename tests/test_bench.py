@@ -93,6 +93,8 @@ def test_the_command_line_prints_a_table_and_writes_json(tmp_path, capsys):
     assert "| layernorm | lenet-eval |" in capsys.readouterr().out
     saved = json.loads(path.read_text())
     assert saved["config"]["threads"] == 1 and saved["results"][0]["norm"] == "layernorm"
+    # what was run, not the default that --quick replaced
+    assert saved["config"]["rounds"] == saved["results"][0]["rounds"] == 3
 
 
 @pytest.mark.parametrize(

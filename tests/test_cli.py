@@ -199,6 +199,16 @@ def test_sigterm_ends_a_run_as_interrupted(tmp_path):
     assert not (run_dir / "model.pt").exists()
 
 
+def test_a_norm_that_placement_none_leaves_out_is_warned_of(tmp_path, capsys):
+    argv = ["run", "--placement", "none", "--norm", "layernorm", "--epochs", "1",
+            "--train-subset", "256", "--test-subset", "64", "--precise-stats", "0",
+            "--no-progress", "--runs-dir", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    assert "warning: --placement none puts no norm in LeNet: --norm layernorm" in (
+        capsys.readouterr().err
+    )
+
+
 def test_help_explains_every_command(capsys):
     completed = subprocess.run(
         [sys.executable, "-m", "normzoo", "--help"], capture_output=True, text=True

@@ -134,6 +134,13 @@ def test_a_directory_with_a_file_that_is_not_utf8_is_searched_without_a_tracebac
     assert problem.startswith(f"{tmp_path / 'page.md'}: cannot be read as UTF-8 text")
 
 
+def test_a_directory_without_pages_is_an_error_for_compare_as_for_check(tmp_path, capsys):
+    for argv in (["compare", "--smoke", str(tmp_path)], ["compare", "--check", str(tmp_path)]):
+        assert main(argv) != 0
+        error = capsys.readouterr().err
+        assert f"no page with a ```normzoo experiment block in {tmp_path}" in error
+
+
 def test_a_page_without_markers_is_refused(tmp_path):
     page = tmp_path / "page.md"
     page.write_text("```normzoo\nseeds = 1\n```\n")

@@ -558,6 +558,16 @@ def test_a_disabled_bundled_plugin_leaves_its_entry_point_name_free(third_party,
     assert all(record.disabled for record in registry.plugins() if record.name == "pit")
 
 
+def test_a_misspelled_name_in_normzoo_disable_is_warned_of_with_the_closest(monkeypatch):
+    monkeypatch.setenv("NORMZOO_DISABLE", "whitning, pit")
+    registry, caught = loaded_registry()
+    (warning,) = [w for w in caught if "NORMZOO_DISABLE" in str(w.message)]
+    assert str(warning.message).startswith(
+        "NORMZOO_DISABLE: unknown plugin 'whitning'; valid plugins: whitening"
+    )
+    assert "pit" not in {norm.name for norm in registry.available()}  # the real name still works
+
+
 def test_reserved_names_passed_as_options_are_one_line():
     with pytest.raises(normzoo.OptionError, match="'layout' is not an option but an argument"):
         normzoo.info("batchnorm").resolve_options({"layout": "seq"})

@@ -141,6 +141,8 @@ def compare(
     runs only what is still missing. A page is rewritten once all its runs are stored.
     """
     pages = [parse_page(path) for path in find_pages(list(paths))]
+    if not pages:
+        raise NormzooError(f"no page with a ```normzoo experiment block in {_listed(paths)}")
     with tempfile.TemporaryDirectory(prefix="normzoo-smoke-") as scratch:
         smoke_dir = Path(scratch) if config.smoke else None
         plans = {page.path: _plan(page, smoke_dir) for page in pages}
@@ -217,6 +219,10 @@ def counted(n: int, noun: str, plural: str | None = None) -> str:
     return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
+def _listed(paths: Sequence[Path | str]) -> str:
+    return ", ".join(map(str, paths))
+
+
 def checked_pages(paths: Sequence[Path | str]) -> int:
     """How many pages :func:`check` reads at ``paths``: experiment pages and bench pages."""
     return len(set(find_pages(list(paths))) | set(bench_page.find_pages(list(paths))))
@@ -234,8 +240,7 @@ def check(paths: Sequence[Path | str]) -> list[str]:
     problems = bench_page.check(list(paths))
     pages = find_pages(list(paths))
     if not pages and not bench_page.find_pages(list(paths)):
-        searched = ", ".join(map(str, paths))
-        problems.append(f"no page with a ```normzoo experiment block in {searched}")
+        problems.append(f"no page with a ```normzoo experiment block in {_listed(paths)}")
     for path in pages:
         try:
             page = parse_page(path)
