@@ -458,7 +458,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0 if result.status == "finished" else 1
     if result.status == "diverged":
         print(f"normzoo: {result.message}", file=sys.stderr)
-        print(f"finished epochs saved in {result.directory.path}", file=sys.stderr)
+        saved = "finished epochs saved in" if result.epochs else "no epoch finished; run directory"
+        print(f"{saved} {result.directory.path}", file=sys.stderr)
         return 1
     last = result.epochs[-1]
     speed = sum(m.examples_per_sec for m in result.epochs) / len(result.epochs)

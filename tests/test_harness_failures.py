@@ -47,6 +47,16 @@ class MeanOverBatch(nn.Module):
         return x.mean(dim=0, keepdim=True)
 
 
+class DividesByZero(nn.Module):
+    """A norm whose arithmetic is broken (here: it divides by zero), not its learning rate."""
+
+    def __init__(self, num_features: int, layout: str) -> None:
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - x.mean(dim=0)) / torch.zeros_like(x)
+
+
 class Raises(nn.Module):
     """Raises a multi-line error in the given mode from its ``calls``-th call in that mode."""
 
@@ -146,6 +156,15 @@ def test_a_norm_that_changes_the_shape_fails_before_the_run_directory_exists(tmp
     message = str(caught.value)
     assert "norm 'mean-over-batch' (module '8') returned shape (1, 120)" in message
     assert "for input (256, 120) in train mode" in message and "\n" not in message
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_norm_with_non_finite_output_fails_in_the_trial_batch_not_as_a_learning_rate(tmp_path):
+    with pytest.raises(NormProbeError) as caught:
+        run(tmp_path, "divides-by-zero", DividesByZero)
+    message = str(caught.value)
+    assert "norm 'divides-by-zero' (module '8') returned NaN or infinite values" in message
+    assert "a smaller --lr cannot help" in message and "\n" not in message
     assert not (tmp_path / "runs").exists()
 
 

@@ -171,18 +171,21 @@ def probe_norms(model: nn.Module, split: Split, batch_size: int, label: str) -> 
             f"({type(error).__name__}: {first_line(error)})"
         ) from error
     images, labels = split.images[:batch_size], split.labels[:batch_size]
-    running: list[tuple[str, tuple[int, ...]]] = []  # the norms being run, innermost last
+    # the norms being run, innermost last: name, input shape, whether the input was finite
+    running: list[tuple[str, tuple[int, ...], bool]] = []
 
     def before(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple) -> None:
-            shape = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else ()
-            running.append((name, shape))
+            tensor = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            shape = tuple(tensor.shape) if tensor is not None else ()
+            finite = tensor is None or bool(torch.isfinite(tensor).all())
+            running.append((name, shape, finite))
 
         return hook
 
     def after(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, output: object) -> None:
-            _, shape = running.pop()
+            _, shape, finite_input = running.pop()
             if not isinstance(output, torch.Tensor):
                 raise NormProbeError(
                     f"norm {label!r} (module {name!r}) returned {type(output).__name__} for "
@@ -192,6 +195,12 @@ def probe_norms(model: nn.Module, split: Split, batch_size: int, label: str) -> 
                 raise NormProbeError(
                     f"norm {label!r} (module {name!r}) returned shape {tuple(output.shape)} "
                     f"for input {shape} in {mode} mode; a norm must keep its input's shape"
+                )
+            if finite_input and not bool(torch.isfinite(output).all()):
+                raise NormProbeError(
+                    f"norm {label!r} (module {name!r}) returned NaN or infinite values for a "
+                    f"finite input {shape} in {mode} mode, before any training step (a "
+                    "smaller --lr cannot help: the norm's computation is at fault)"
                 )
 
         return hook
@@ -219,7 +228,7 @@ def probe_norms(model: nn.Module, split: Split, batch_size: int, label: str) -> 
             f"{type(error).__name__}: {first_line(error)}"
         )  # fmt: skip
         if running:
-            name, shape = running[-1]
+            name, shape, _ = running[-1]
             where = f"norm {label!r} (module {name!r}) failed on input {shape} in {mode} mode"
         else:
             where = f"with norm {label!r}, the {step} pass in {mode} mode failed"
