@@ -240,9 +240,15 @@ def measure(
 
 
 def run_bench(
-    config: BenchConfig, on_result: Callable[[Measurement], None] = lambda m: None
+    config: BenchConfig,
+    on_result: Callable[[Measurement], None] = lambda m: None,
+    on_skip: Callable[[str, str, str], None] = lambda norm, case, reason: None,
 ) -> list[Measurement]:
-    """Measure every case for every norm of ``config`` (all registered norms by default)."""
+    """Measure every case for every norm of ``config`` (all registered norms by default).
+
+    A case that a norm cannot run (e.g. ``lenet-*`` for a norm without LeNet's ``fc``
+    layout) is left out, and ``on_skip(norm, case, reason)`` says why.
+    """
     config.validate()
     device = resolve_device(config.device)
     norms = config.norms or tuple(norm.name for norm in normzoo.available())
@@ -257,8 +263,9 @@ def run_bench(
             for case in config.cases:
                 try:
                     result = measure(case, norm, images, labels, config)
-                except NormzooError:
-                    continue  # e.g. a norm that does not support LeNet's layouts
+                except NormzooError as error:
+                    on_skip(norm, case, str(error))
+                    continue
                 results.append(result)
                 on_result(result)
     finally:

@@ -348,7 +348,10 @@ def _bench(args: argparse.Namespace) -> int:
         flag = "  (noisy: rerun on a quieter machine)" if m.noisy else ""
         print(f"{m.norm:>16} {m.case:<12} {m.ratio:5.2f}x  ({m.seconds * 1e3:.2f} ms){flag}")
 
-    results = run_bench(config, on_result=report)
+    def skipped(norm: str, case: str, reason: str) -> None:
+        print(f"{norm:>16} {case:<12} skipped: {reason}")
+
+    results = run_bench(config, on_result=report, on_skip=skipped)
     print()
     print(format_table(results, config))
     pipeline = None

@@ -97,6 +97,12 @@ def test_the_command_line_prints_a_table_and_writes_json(tmp_path, capsys):
     assert saved["config"]["rounds"] == saved["results"][0]["rounds"] == 3
 
 
+def test_a_case_a_norm_cannot_run_is_reported_as_skipped_with_the_reason(capsys):
+    assert main(["bench", "--norms", "instancenorm", "--cases", "lenet-eval", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "lenet-eval   skipped: norm 'instancenorm' does not support layout 'fc'" in out
+
+
 @pytest.mark.parametrize(
     "config, message",
     [
