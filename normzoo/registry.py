@@ -327,9 +327,17 @@ class Registry:
             raise DuplicateNormError(f"plugin {plugin!r} registers norm {name!r} twice")
         if name in self._norms:
             owner = self._norms[name].plugin
+            if self._plugins[owner].distribution:
+                way_out = "uninstall one of them or rename the norm"
+            else:  # e.g. a notebook cell run twice
+                way_out = (
+                    f"plugin {owner!r} was registered in this process: call .undo() on the "
+                    f"registration it returned (or normzoo.default_registry().unregister("
+                    f"{owner!r})) first, or rename the norm"
+                )
             raise DuplicateNormError(
                 f"norm {name!r} is registered by both plugin {owner!r} and plugin {plugin!r}; "
-                "uninstall one of them or rename the norm"
+                f"{way_out}"
             )
 
     # -- in-process registration ---------------------------------------------------------------

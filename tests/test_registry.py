@@ -231,6 +231,16 @@ def test_register_rejects_duplicates_naming_both_plugins():
     assert normzoo.info("batchnorm").plugin == "batchnorm"
 
 
+def test_registering_a_norm_twice_in_process_says_how_to_undo_the_first():
+    # a notebook cell run twice
+    with normzoo.register(make_info("cell-norm"), name="first-run"):
+        with pytest.raises(normzoo.DuplicateNormError) as raised:
+            normzoo.register(make_info("cell-norm"), name="second-run")
+        message = str(raised.value)
+        assert "call .undo() on the registration it returned" in message
+        assert "unregister('first-run')" in message and "uninstall" not in message
+
+
 def test_a_failing_registration_leaves_nothing_behind():
     with pytest.raises(normzoo.DeclarationError, match="layouts"):
         normzoo.register(
