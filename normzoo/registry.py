@@ -88,10 +88,9 @@ def disabled_plugins() -> set[str]:
 def _warn_of_unknown_disabled(disabled: set[str], entry_points: list[Any]) -> None:
     """A name in ``NORMZOO_DISABLE`` that no installed plugin has is most likely a typo, which
     would otherwise leave the plugin it meant loaded without a word."""
-    names = {ep.name for ep in entry_points}
-    names |= {f"{ep.name} ({_distribution_name(ep)})" for ep in entry_points}
-    for name in sorted(disabled - names):
-        valid = sorted({ep.name for ep in entry_points})
+    valid = sorted({ep.name for ep in entry_points})
+    qualified = {f"{ep.name} ({_distribution_name(ep)})" for ep in entry_points}
+    for name in sorted(disabled - set(valid) - qualified):
         warnings.warn(f"{DISABLE_ENV}: {suggest('plugin', name, valid)}", RuntimeWarning, 2)
 
 

@@ -488,11 +488,11 @@ def test_numbas_thread_pool_is_sized_to_the_process_share_of_the_cores():
     out = subprocess.run([sys.executable, "-c", code], env=env | {"OMP_NUM_THREADS": "1"},
                          capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert out.split() == ["1", "1"]
-    from normzoo.compare.execute import _worker_start
+    from normzoo.harness.processes import use_threads
 
     before = dict(os.environ)
     try:
-        _worker_start(torch.get_num_threads())
+        use_threads(torch.get_num_threads())
         assert os.environ["NUMBA_NUM_THREADS"] == str(torch.get_num_threads())
     finally:
         os.environ.clear()

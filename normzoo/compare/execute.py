@@ -4,7 +4,6 @@ each finished run stored the moment it finishes."""
 from __future__ import annotations
 
 import multiprocessing
-import os
 import signal
 import tempfile
 import threading
@@ -21,6 +20,7 @@ import torch
 from normzoo.compare.cache import ResultStore, resolved_config
 from normzoo.harness.experiment import RunConfig, run_experiment
 from normzoo.harness.model import norm_modules
+from normzoo.harness.processes import use_threads
 from normzoo.harness.runs import machine_description
 
 
@@ -78,12 +78,6 @@ def execute(run: PendingRun, threads: int) -> dict[str, Any]:
     return result
 
 
-def _worker_start(threads: int) -> None:
-    # numba's pool (pit's loops) is sized from the environment when first imported
-    os.environ.update(OMP_NUM_THREADS=str(threads), NUMBA_NUM_THREADS=str(threads))
-    torch.set_num_threads(threads)
-
-
 def run_all(
     runs: Sequence[PendingRun],
     jobs: int,
@@ -103,7 +97,7 @@ def run_all(
                 on_done(run, result, None)
         return
     context = multiprocessing.get_context("spawn")  # no forked torch thread pools
-    pool = ProcessPoolExecutor(jobs, context, _worker_start, (threads,))
+    pool = ProcessPoolExecutor(jobs, context, use_threads, (threads,))
     waiting: dict[Future, PendingRun] = {}
     queue = list(runs)
     try:

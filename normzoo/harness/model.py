@@ -52,7 +52,8 @@ def norm_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
-#: The channels of LeNet's layers that a norm can follow, by layout.
+#: The channels of LeNet's layers that a norm can follow, by layout (the model is built from
+#: them).
 NORMALIZED_CHANNELS = {"conv": (6, 16), "fc": (120, 84)}
 
 
@@ -68,24 +69,19 @@ def _check_options_fit_every_layer(
     counts = [c for layout, cs in NORMALIZED_CHANNELS.items() if placement in ("all", layout)
               for c in cs]  # fmt: skip
 
-    def fits(options: Mapping[str, Any]) -> bool:
+    def rejection(options: Mapping[str, Any]) -> OptionError | None:
         try:
             for count in counts:
                 info.check_options(options, count)
-        except OptionError:
-            return False
-        return True
-
-    for count in counts:
-        try:
-            info.check_options(resolved, count)
         except OptionError as error:
-            failure = error
-            break
-    else:
+            return error
+        return None
+
+    failure = rejection(resolved)
+    if failure is None:
         return
     fitting = {
-        key: [v for v in range(1, max(counts) + 1) if fits({**resolved, key: v})]
+        key: [v for v in range(1, max(counts) + 1) if rejection({**resolved, key: v}) is None]
         for key in given
         if isinstance(resolved.get(key), int) and not isinstance(resolved[key], bool)
     }
@@ -171,17 +167,18 @@ def build_lenet(
     def dropout_layer() -> list[nn.Module]:
         return [nn.Dropout(dropout)] if dropout > 0 else []
 
+    (conv1, conv2), (fc1, fc2) = NORMALIZED_CHANNELS["conv"], NORMALIZED_CHANNELS["fc"]
     model = nn.Sequential(
-        *block(nn.Conv2d(1, 6, kernel_size=5), 6, "conv"),
+        *block(nn.Conv2d(1, conv1, kernel_size=5), conv1, "conv"),
         nn.AvgPool2d(kernel_size=2, stride=2),
-        *block(nn.Conv2d(6, 16, kernel_size=5), 16, "conv"),
+        *block(nn.Conv2d(conv1, conv2, kernel_size=5), conv2, "conv"),
         nn.AvgPool2d(kernel_size=2, stride=2),
         nn.Flatten(),
-        *block(nn.Linear(16 * 4 * 4, 120), 120, "fc"),
+        *block(nn.Linear(conv2 * 4 * 4, fc1), fc1, "fc"),
         *dropout_layer(),
-        *block(nn.Linear(120, 84), 84, "fc"),
+        *block(nn.Linear(fc1, fc2), fc2, "fc"),
         *dropout_layer(),
-        nn.Linear(84, 10),
+        nn.Linear(fc2, 10),
     )
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):

@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +104,13 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
+def use_threads(threads: int) -> None:
+    """Give this process ``threads`` threads: torch's, OpenMP's, and numba's pool (``pit``'s
+    loops), which numba sizes from the environment once, when it is first imported."""
+    os.environ.update(OMP_NUM_THREADS=str(threads), NUMBA_NUM_THREADS=str(threads))
+    torch.set_num_threads(threads)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -120,10 +127,9 @@ def _worker(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads), NUMBA_NUM_THREADS=str(threads),
-        NORMZOO_RUN_DIRECTORY_NOTE=note,
+        MASTER_PORT=str(port), NORMZOO_RUN_DIRECTORY_NOTE=note,
     )  # fmt: skip
-    torch.set_num_threads(threads)
+    use_threads(threads)
 
     def report(metrics: Any) -> None:
         if rank == 0:
@@ -232,35 +238,38 @@ def _stops_forwarded(processes: list[Any]) -> Iterator[_Stops]:
             signal.signal(number, handler)
 
 
-def _record_interruption(note: str, number: int) -> BaseException:
-    """The run was stopped by signal ``number``: its directory (if rank 0 made one) records
-    ``interrupted``, whatever its processes managed to write before they ended."""
-    from normzoo.harness.experiment import RunInterrupted, interruption_message
+def _record_end(note: str, status: str, message: Callable[[int], str]) -> tuple[Path | None, str]:
+    """Record how the run ended in its directory (named in ``note`` by rank 0, if it made one),
+    whatever its processes managed to write before they ended: ``status`` and the message for
+    its number of finished epochs. Returns the directory (``None``: none was made) and the
+    message."""
     from normzoo.harness.runs import METRICS, atomic_write_json
 
     if not os.path.exists(note):
-        return RunInterrupted(interruption_message(number, 0), number)
+        return None, message(0)
     directory = Path(Path(note).read_text())
     metrics_path = directory / METRICS
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     metrics.setdefault("epochs", [])
-    message = interruption_message(number, len(metrics["epochs"]))
-    metrics.update(status="interrupted", message=message)
+    text = message(len(metrics["epochs"]))
+    metrics.update(status=status, message=text)
     atomic_write_json(metrics_path, metrics)
+    return directory, text
+
+
+def _record_interruption(note: str, number: int) -> BaseException:
+    """The run was stopped by signal ``number``: its directory records ``interrupted``."""
+    from normzoo.harness.experiment import RunInterrupted, interruption_message
+
+    directory, message = _record_end(
+        note, "interrupted", lambda epochs: interruption_message(number, epochs)
+    )
     return RunInterrupted(message, number, directory)
 
 
 def _describe_failure(note: str, what: str) -> str:
-    """``what`` happened; the run directory (named in ``note`` by rank 0) records it."""
-    from normzoo.harness.runs import METRICS, atomic_write_json
-
-    message = f"multi-process run failed: {what}"
-    if os.path.exists(note):
-        directory = Path(Path(note).read_text())
-        metrics_path = directory / METRICS
-        metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-        metrics.update(status="failed", message=message)
-        metrics.setdefault("epochs", [])
-        atomic_write_json(metrics_path, metrics)
+    """``what`` happened; the run directory (if one was made) records it."""
+    directory, message = _record_end(note, "failed", lambda _: f"multi-process run failed: {what}")
+    if directory is not None:
         message += f"; run directory {directory} (status failed)"
     return message
