@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase as _TorchNormBase
 
+from normzoo.interface import AFFINE, EPS, MOMENTUM
 from normzoo.layouts import Layout, get_layout
 from normzoo.stats import channel_affine, update_running
 
@@ -62,8 +63,8 @@ class AffineNorm(nn.Module):
         self,
         num_features: int,
         layout: str | Layout,
-        eps: float = 1e-5,
-        affine: bool = True,
+        eps: float = EPS.default,
+        affine: bool = AFFINE.default,
         bias: bool = True,
     ) -> None:
         super().__init__()
@@ -130,9 +131,9 @@ class NormBase(AffineNorm):
         self,
         num_features: int,
         layout: str | Layout,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
+        eps: float = EPS.default,
+        momentum: float | None = MOMENTUM.default,
+        affine: bool = AFFINE.default,
     ) -> None:
         self._running_inits: dict[str, RunningInit] = {}
         super().__init__(num_features, layout, eps, affine)

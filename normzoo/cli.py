@@ -15,7 +15,7 @@ from typing import NoReturn
 
 import normzoo
 from normzoo.compare import SMOKE_EXAMPLES
-from normzoo.interface import NormzooError
+from normzoo.errors import NormzooError
 
 EPILOG = """examples:
   normzoo run --norm batchnorm                  the textbook run: LeNet, 10 epochs, lr 1.0

@@ -20,7 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
-import normzoo
+from normzoo import registry
 from normzoo.errors import NormzooError
 from normzoo.layouts import LAYOUT_NAMES
 
@@ -138,7 +138,7 @@ def _replacement(
     """The new layer for ``module``, with what can be carried over carried over."""
     features, layout = _shape_of(name, module)
     _check_replaceable(name, module)
-    declared_norm = normzoo.info(norm)
+    declared_norm = registry.info(norm)
     declared = {option.name for option in declared_norm.options}
     resolved = {**_inherited_options(module, declared, options), **options}
     if layout not in declared_norm.layouts:
@@ -146,7 +146,7 @@ def _replacement(
             f"{name or 'the model itself'} ({type(module).__name__}) needs layout {layout!r}, "
             f"which norm {norm!r} does not support ({', '.join(declared_norm.layouts)})"
         )
-    new = normzoo.build(norm, features, layout, **resolved)
+    new = registry.build(norm, features, layout, **resolved)
     reference = next(iter(module.parameters()), None)
     if reference is None:
         reference = next(iter(module.buffers()), None)
@@ -223,7 +223,7 @@ def convert(
             f"the model is wrapped in {type(model).__name__}; convert model.module, then wrap "
             "the converted model"
         )
-    normzoo.info(name)  # an unknown name fails before anything changes
+    registry.info(name)  # an unknown name fails before anything changes
     match = match or is_norm_layer
     lost: list[tuple[str, str]] = []
     if match("", model):

@@ -21,6 +21,13 @@ class UnknownNormError(NormzooError, KeyError):
         return str(self.args[0])
 
 
+class UnknownWorkloadError(NormzooError, KeyError):
+    """A workload name that no loaded plugin registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
 class OptionError(NormzooError):
     """An unknown option, a value of the wrong type, out of range, or rejected by the norm's
     check against the channel count."""
@@ -31,11 +38,12 @@ class LayoutError(NormzooError):
 
 
 class DeclarationError(NormzooError):
-    """A plugin declared an invalid norm: bad name, layouts, options or factory."""
+    """A plugin declared an invalid norm or workload: bad name, layouts, options, slots or
+    factory."""
 
 
 class DuplicateNormError(NormzooError):
-    """Two plugins registered the same norm name."""
+    """Two plugins registered the same norm (or workload) name."""
 
 
 class BatchSizeError(NormzooError):

@@ -1,4 +1,5 @@
-"""What a norm plugin declares: :class:`NormInfo`, its :class:`Option` s, and their validation.
+"""What a plugin declares: a norm (:class:`NormInfo` and its :class:`Option` s) or a workload
+(:class:`WorkloadInfo` and its norm :class:`Slot` s), and the validation of both.
 
 A plugin describes each norm it ships with one :class:`NormInfo`: a name, a one-line summary,
 the layouts it accepts (see :mod:`normzoo.layouts`), whether it uses batch statistics, its
@@ -28,19 +29,13 @@ from torch import nn
 from normzoo.errors import (
     BatchSizeError,
     DeclarationError,
-    DuplicateNormError,
     LayoutError,
     NormBuildError,
     NormzooError,
     OptionError,
-    UnknownNormError,
-    closest_first,
     suggest,
 )
 from normzoo.layouts import ALIASES, LAYOUT_NAMES, get_layout
-
-#: Canonical layout names; kept here for code written against the first interface.
-LAYOUTS = LAYOUT_NAMES
 
 OptionType = type[int] | type[float] | type[bool] | type[str]
 NormFactory = Callable[..., nn.Module]
@@ -60,23 +55,15 @@ __all__ = [
     "AFFINE",
     "EPS",
     "FALSE_WORDS",
-    "LAYOUTS",
     "MOMENTUM",
-    "BatchSizeError",
-    "DeclarationError",
-    "DuplicateNormError",
-    "LayoutError",
-    "NormBuildError",
-    "NormInfo",
-    "NormzooError",
-    "Option",
-    "OptionError",
+    "SYNC",
     "TRUE_WORDS",
-    "UnknownNormError",
+    "NormInfo",
+    "Option",
+    "Slot",
+    "WorkloadInfo",
     "check_batch_size",
     "check_input",
-    "closest_first",
-    "suggest",
 ]
 
 
@@ -314,12 +301,27 @@ class NormInfo:
         self._validate_factory_signature()
 
     def _validate_factory_signature(self) -> None:
-        """The factory must accept ``(num_features, layout, **options)``, as ``build`` calls it."""
+        """The factory must accept ``(num_features, layout, **options)``, as ``build`` calls it,
+        and a default it declares for an option must be the option's: ``build`` always passes
+        the :class:`Option`'s default, so a second one in the signature is a fact kept twice
+        that only direct calls of the factory would see, and nothing else keeps them equal."""
         try:
             signature = inspect.signature(self.factory)
         except (TypeError, ValueError):
             return  # builtins and some C callables have no signature to check
         keywords = {option.name: option.default for option in self.options}
+        for name, default in keywords.items():
+            parameter = signature.parameters.get(name)
+            if parameter is None or parameter.default is inspect.Parameter.empty:
+                continue
+            if parameter.default != default or isinstance(parameter.default, bool) != isinstance(
+                default, bool
+            ):
+                raise DeclarationError(
+                    f"norm {self.name!r}: option {name!r} defaults to {default!r} in its Option "
+                    f"but to {parameter.default!r} in the factory's signature; drop the "
+                    "signature's default (build passes the Option's) or make them equal"
+                )
         try:
             signature.bind(1, "fc", **keywords)
         except TypeError as error:
@@ -409,3 +411,135 @@ def check_batch_size(x: Any, norm: str, layout: str, values: float | None = None
             f"train mode, got input of shape {tuple(x.shape)}; use a larger batch or call "
             ".eval()"
         )
+
+
+#: ``factory(slots) -> nn.Module``: builds a workload's model, putting a norm in each slot
+#: through the :class:`~normzoo.workloads.slots.NormSlots` it is given.
+WorkloadFactory = Callable[[Any], nn.Module]
+#: ``data(data_dir, download)``: the workload's data, a :class:`~normzoo.workloads.data.Dataset`.
+WorkloadData = Callable[[Any, bool], Any]
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A place in a workload's model where a norm goes.
+
+    Parameters
+    ----------
+    name:
+        Identifies the slot, e.g. ``"conv1"``; also names its case in ``normzoo bench``.
+    channels:
+        The channel count ``C`` of the norm built there.
+    layout:
+        The layout of the norm's input (see :mod:`normzoo.layouts`); a norm fits the workload
+        when it declares every slot's layout. ``normzoo run --placement LAYOUT`` puts norms in
+        the slots of that layout only.
+    spatial:
+        The spatial (or sequence) size of the norm's input, without batch and channels:
+        ``(24, 24)`` for a conv slot on 24x24 maps, ``()`` for ``fc``. ``normzoo bench`` times
+        one norm layer alone on an input of this size.
+    """
+
+    name: str
+    channels: int
+    layout: str
+    spatial: tuple[int, ...] = ()
+
+    def validate(self, workload: str) -> None:
+        where = f"workload {workload!r}: slot {self.name!r}"
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise DeclarationError(f"workload {workload!r}: bad slot name {self.name!r}")
+        if (
+            not isinstance(self.channels, int)
+            or isinstance(self.channels, bool)
+            or (self.channels < 1)
+        ):
+            raise DeclarationError(f"{where} needs a positive int channel count")
+        if self.layout not in LAYOUT_NAMES:
+            raise DeclarationError(
+                f"{where} declares layout {self.layout!r}; choose from {', '.join(LAYOUT_NAMES)}"
+            )
+        if not isinstance(self.spatial, tuple) or not all(
+            isinstance(size, int) and size > 0 for size in self.spatial
+        ):
+            raise DeclarationError(f"{where} needs a tuple of positive sizes as spatial")
+
+
+@dataclass(frozen=True)
+class WorkloadInfo:
+    """A workload as a plugin declares it: a model with norm slots, and its data.
+
+    Parameters
+    ----------
+    name:
+        Lowercase words joined by dashes, e.g. ``"lenet"``; unique across plugins.
+    summary:
+        One line for ``normzoo workloads``.
+    slots:
+        The norm slots of the model, in the order the model uses them.
+    factory:
+        ``factory(slots) -> nn.Module``: builds the model, taking each norm (with its
+        activation) from ``slots.block(slot_name, layer)``; see
+        :class:`~normzoo.workloads.slots.NormSlots`. The model maps the data's images to
+        class logits.
+    data:
+        ``data(data_dir, download)``: the train and test splits as a
+        :class:`~normzoo.workloads.data.Dataset`; ``data_dir`` ``None`` means the workload's
+        default (for the bundled workloads, the Fashion-MNIST copy bundled with normzoo).
+    reference:
+        Where the model comes from.
+    version:
+        The version of what the workload computes, bumped whenever a change alters its numbers
+        (results cached by comparisons are keyed by it).
+    plugin:
+        Name of the plugin that registered it; filled in by the registry.
+    """
+
+    name: str
+    summary: str
+    slots: tuple[Slot, ...]
+    factory: WorkloadFactory
+    data: WorkloadData
+    reference: str = ""
+    version: str = "1"
+    plugin: str = field(default="", compare=False)
+
+    @property
+    def layouts(self) -> tuple[str, ...]:
+        """The layouts of the slots, each once, in order of first use."""
+        return tuple(dict.fromkeys(slot.layout for slot in self.slots))
+
+    def slot(self, name: str) -> Slot:
+        """The slot ``name``; :class:`NormzooError` lists the valid ones otherwise."""
+        for slot in self.slots:
+            if slot.name == name:
+                return slot
+        raise NormzooError(
+            f"workload {self.name!r}: {suggest('slot', name, [s.name for s in self.slots])}"
+        )
+
+    def validate(self) -> None:
+        """Check the declaration itself; raise :class:`DeclarationError` naming what is wrong."""
+        where = f"workload {self.name!r}"
+        if not isinstance(self.name, str) or not _NAME_PATTERN.match(self.name):
+            raise DeclarationError(
+                f"invalid workload name {self.name!r}: use lowercase letters and digits joined "
+                "by dashes, e.g. 'my-model'"
+            )
+        if not isinstance(self.summary, str) or not self.summary or "\n" in self.summary:
+            raise DeclarationError(f"{where} needs a one-line summary")
+        if not isinstance(self.slots, tuple) or not self.slots:
+            raise DeclarationError(f"{where} needs a non-empty tuple of Slots")
+        names: set[str] = set()
+        for slot in self.slots:
+            if not isinstance(slot, Slot):
+                raise DeclarationError(f"{where} declares {slot!r}, not a normzoo.Slot")
+            slot.validate(self.name)
+            if slot.name in names:
+                raise DeclarationError(f"{where} declares slot {slot.name!r} twice")
+            names.add(slot.name)
+        for part in ("factory", "data"):
+            if not callable(getattr(self, part)):
+                raise DeclarationError(f"{where} has a {part} that is not callable")
+        if not isinstance(self.version, str) or not self.version:
+            raise DeclarationError(f"{where} needs a non-empty version string")

@@ -1,15 +1,16 @@
-"""The norm registry: one pluggy plugin manager, entry-point loading with per-plugin isolation.
+"""The registry of norms and workloads: one pluggy plugin manager, entry-point loading with
+per-plugin isolation, and the process-wide default registry behind ``normzoo.available`` & co.
 
-Every norm, bundled or not, comes from a plugin registered under the entry-point group
-``normzoo``. Unlike ``PluginManager.load_setuptools_entrypoints``, which aborts on the first
-plugin that fails, :meth:`Registry.load_entry_points` loads each entry point on its own: a
-plugin that fails to import (even with ``SystemExit``), whose hook raises, that implements a
-hook normzoo does not define (a misspelled name), that registers no norm, or that declares an
-invalid or duplicate norm is skipped with a :class:`PluginWarning` pointing at the plugin's own
-file, and listed with its error and traceback by :meth:`Registry.plugins`; the other plugins
-keep working. A plugin's norms are accepted all together or not at all. The bundled plugins
-load first, so a third-party norm (or entry point) that claims a bundled name is the one
-rejected, with an error naming both.
+Every norm and every workload, bundled or not, comes from a plugin registered under the
+entry-point group ``normzoo``. Unlike ``PluginManager.load_setuptools_entrypoints``, which
+aborts on the first plugin that fails, :meth:`Registry.load_entry_points` loads each entry
+point on its own: a plugin that fails to import (even with ``SystemExit``), whose hook raises,
+that implements a hook normzoo does not define (a misspelled name), that registers nothing, or
+that declares an invalid or duplicate norm or workload is skipped with a :class:`PluginWarning`
+pointing at the plugin's own file, and listed with its error and traceback by
+:meth:`Registry.plugins`; the other plugins keep working. A plugin's norms and workloads are
+accepted all together or not at all. The bundled plugins load first, so a third-party norm
+(or entry point) that claims a bundled name is the one rejected, with an error naming both.
 
 Environment variables:
 
@@ -34,6 +35,7 @@ import traceback as traceback_module
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from importlib import metadata
 from typing import Any
 
@@ -46,9 +48,13 @@ from normzoo.errors import (
     NormBuildError,
     NormzooError,
     UnknownNormError,
+    UnknownWorkloadError,
     suggest,
 )
-from normzoo.interface import FALSE_WORDS, TRUE_WORDS, NormInfo
+from normzoo.interface import FALSE_WORDS, TRUE_WORDS, NormInfo, WorkloadInfo
+
+#: What a plugin registers: norms or workloads.
+Declaration = NormInfo | WorkloadInfo
 
 ENTRY_POINT_GROUP = "normzoo"
 BUILTIN_DISTRIBUTION = "normzoo"
@@ -96,7 +102,8 @@ def _warn_of_unknown_disabled(disabled: set[str], entry_points: list[Any]) -> No
 
 @dataclass
 class PluginRecord:
-    """What the registry knows of one plugin: where it came from, its norms, its error.
+    """What the registry knows of one plugin: where it came from, its norms and workloads, its
+    error.
 
     ``error`` is the one-line reason a plugin failed, ``exception`` the exception itself and
     ``traceback`` its formatted traceback (``None`` when the failure was detected by the
@@ -108,6 +115,7 @@ class PluginRecord:
     distribution: str = ""
     version: str = ""
     norms: list[str] = field(default_factory=list)
+    workloads: list[str] = field(default_factory=list)
     error: str | None = None
     exception: BaseException | None = field(default=None, repr=False)
     traceback: str | None = field(default=None, repr=False)
@@ -126,15 +134,22 @@ class PluginRecord:
 
 
 class _InlinePlugin:
-    """Wraps :class:`NormInfo` objects given to :meth:`Registry.register` as a plugin."""
+    """Wraps the declarations given to :meth:`Registry.register` as a plugin."""
 
-    def __init__(self, norms: tuple[NormInfo, ...]) -> None:
-        self.norms = norms
+    def __init__(self, items: tuple[Declaration, ...]) -> None:
+        self.items = items
 
     @hookspecs.hookimpl
     def normzoo_register_norms(self, register: Callable[[NormInfo], None]) -> None:
-        for norm in self.norms:
-            register(norm)
+        for item in self.items:
+            if isinstance(item, NormInfo):
+                register(item)
+
+    @hookspecs.hookimpl
+    def normzoo_register_workloads(self, register: Callable[[WorkloadInfo], None]) -> None:
+        for item in self.items:
+            if isinstance(item, WorkloadInfo):
+                register(item)
 
 
 @dataclass
@@ -161,7 +176,8 @@ class _PluginFailure(Exception):
 
 
 class Registry:
-    """Norms by name, gathered from plugins through one :class:`pluggy.PluginManager`.
+    """Norms and workloads by name, gathered from plugins through one
+    :class:`pluggy.PluginManager`.
 
     Parameters
     ----------
@@ -174,6 +190,7 @@ class Registry:
         self._manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self._manager.add_hookspecs(hookspecs)
         self._norms: dict[str, NormInfo] = {}
+        self._workloads: dict[str, WorkloadInfo] = {}
         self._plugins: dict[str, PluginRecord] = {}
         self._needs_entry_points = entry_points
         self._strict_error: PluginLoadError | None = None
@@ -246,6 +263,7 @@ class Registry:
     ) -> None:
         record.error = message
         record.norms = []
+        record.workloads = []
         if error is not None and not isinstance(error, _PluginFailure):
             record.exception = error
             record.traceback = "".join(traceback_module.format_exception(error))
@@ -263,8 +281,8 @@ class Registry:
     def _add_plugin(
         self, plugin: Any, record: PluginRecord, isolate: bool, strict: bool = False
     ) -> None:
-        """Register ``plugin`` with pluggy, collect its norms, and commit them all or none."""
-        collected: list[NormInfo] = []
+        """Register ``plugin`` with pluggy, collect its norms and workloads, and commit them all
+        or none."""
         try:
             self._manager.register(plugin, name=record.name)
         except Exception as error:
@@ -274,22 +292,20 @@ class Registry:
             return
         try:
             self._check_hooks(plugin, record.name)
-            hook = self._manager.hook.normzoo_register_norms
-            for implementation in hook.get_hookimpls():
-                if implementation.plugin is plugin:
-                    implementation.function(register=collected.append)
-            if not collected:
+            norms = self._collect(plugin, "norm", NormInfo)
+            workloads = self._collect(plugin, "workload", WorkloadInfo)
+            if not norms and not workloads:
                 raise _PluginFailure(
-                    "it registers no norm: its normzoo_register_norms hook called register() "
-                    "zero times"
+                    "it registers no norm or workload: its hooks called register() zero times"
                 )
-            names: set[str] = set()
-            for norm in collected:
-                if not isinstance(norm, NormInfo):
-                    raise NormzooError(f"register() expects a NormInfo, got {norm!r}")
-                norm.validate()
-                self._check_unique(norm.name, record.name, names)
-                names.add(norm.name)
+            for kind, declared, taken in (
+                ("norm", norms, self._norms), ("workload", workloads, self._workloads)
+            ):  # fmt: skip
+                names: set[str] = set()
+                for item in declared:
+                    item.validate()
+                    self._check_unique(kind, item.name, record.name, names, taken)
+                    names.add(item.name)
         except (Exception, SystemExit) as error:
             self._manager.unregister(name=record.name)
             if not isolate:
@@ -299,74 +315,99 @@ class Registry:
             message = str(error) if isinstance(error, _PluginFailure) else _describe(error)
             self._fail(record, message, error, strict=strict)
             return
-        for norm in collected:
+        for norm in norms:
             self._norms[norm.name] = replace(norm, plugin=record.name)
             record.norms.append(norm.name)
+        for workload in workloads:
+            self._workloads[workload.name] = replace(workload, plugin=record.name)
+            record.workloads.append(workload.name)
         self._plugins[record.name] = record
+
+    def _collect(self, plugin: Any, kind: str, declaration: type) -> list[Any]:
+        """What ``plugin``'s hook for ``kind`` registers; anything but a ``declaration`` is an
+        error."""
+        collected: list[Any] = []
+        hook = getattr(self._manager.hook, hookspecs.HOOKS[kind])
+        for implementation in hook.get_hookimpls():
+            if implementation.plugin is plugin:
+                implementation.function(register=collected.append)
+        for item in collected:
+            if not isinstance(item, declaration):
+                raise NormzooError(
+                    f"register() of {hookspecs.HOOKS[kind]} expects a {declaration.__name__}, "
+                    f"got {item!r}"
+                )
+        return collected
 
     def _check_hooks(self, plugin: Any, name: str) -> None:
         """Reject hook implementations normzoo has no spec for (a misspelled hook name, which
-        pluggy's ``check_pending`` would report for the whole manager), and a plugin with no
-        ``normzoo_register_norms`` implementation at all."""
+        pluggy's ``check_pending`` would report for the whole manager), and a plugin that
+        implements none of normzoo's hooks."""
         callers = self._manager.get_hookcallers(plugin) or []
         unknown = sorted(caller.name for caller in callers if not caller.has_spec())
+        hooks = " and ".join(repr(hook) for hook in hookspecs.HOOKS.values())
         if unknown:
             raise _PluginFailure(
-                f"it implements unknown hook {unknown[0]!r}; the one normzoo hook is "
-                "'normzoo_register_norms'"
+                f"it implements unknown hook {unknown[0]!r}; normzoo's hooks are {hooks}"
             )
-        if not any(caller.name == "normzoo_register_norms" for caller in callers):
+        if not any(caller.name in hookspecs.HOOKS.values() for caller in callers):
             raise _PluginFailure(
-                "it registers no norm: no function decorated with @normzoo.hookimpl named "
-                "normzoo_register_norms"
+                "it registers no norm or workload: no function decorated with "
+                f"@normzoo.hookimpl named {hooks.replace(' and ', ' or ')}"
             )
 
-    def _check_unique(self, name: str, plugin: str, same_plugin: set[str]) -> None:
+    def _check_unique(
+        self, kind: str, name: str, plugin: str, same_plugin: set[str], taken: dict[str, Any]
+    ) -> None:
         if name in same_plugin:
-            raise DuplicateNormError(f"plugin {plugin!r} registers norm {name!r} twice")
-        if name in self._norms:
-            owner = self._norms[name].plugin
+            raise DuplicateNormError(f"plugin {plugin!r} registers {kind} {name!r} twice")
+        if name in taken:
+            owner = taken[name].plugin
             if self._plugins[owner].distribution:
-                way_out = "uninstall one of them or rename the norm"
+                way_out = f"uninstall one of them or rename the {kind}"
             else:  # e.g. a notebook cell run twice
                 way_out = (
                     f"plugin {owner!r} was registered in this process: call .undo() on the "
                     f"registration it returned (or normzoo.default_registry().unregister("
-                    f"{owner!r})) first, or rename the norm"
+                    f"{owner!r})) first, or rename the {kind}"
                 )
             raise DuplicateNormError(
-                f"norm {name!r} is registered by both plugin {owner!r} and plugin {plugin!r}; "
+                f"{kind} {name!r} is registered by both plugin {owner!r} and plugin {plugin!r}; "
                 f"{way_out}"
             )
 
     # -- in-process registration ---------------------------------------------------------------
 
-    def register(self, *items: NormInfo | object, name: str | None = None) -> Registration:
-        """Register norms or a plugin object in this process, e.g. from a notebook or a test.
+    def register(self, *items: Declaration | object, name: str | None = None) -> Registration:
+        """Register norms, workloads or a plugin object in this process, e.g. from a notebook
+        or a test.
 
         Parameters
         ----------
         items:
-            Either :class:`NormInfo` objects, or one plugin object (a module or instance with a
-            ``normzoo_register_norms`` hook implementation).
+            Either :class:`NormInfo` and :class:`WorkloadInfo` objects, or one plugin object (a
+            module or instance with a ``normzoo_register_norms`` or
+            ``normzoo_register_workloads`` hook implementation).
         name:
             Plugin name shown by ``normzoo plugins``; generated when omitted.
 
         Returns
         -------
         Registration
-            Call ``.undo()`` or use it as a context manager to remove the norms again.
+            Call ``.undo()`` or use it as a context manager to remove them again.
 
         Errors (invalid declaration, duplicate name, no norm registered) are raised here, not
         isolated.
         """
         self._ensure_loaded()
-        if items and all(isinstance(item, NormInfo) for item in items):
+        if items and all(isinstance(item, (NormInfo, WorkloadInfo)) for item in items):
             plugin: object = _InlinePlugin(tuple(items))  # type: ignore[arg-type]
         elif len(items) == 1:
             plugin = items[0]
         else:
-            raise NormzooError("register() takes NormInfo objects or exactly one plugin object")
+            raise NormzooError(
+                "register() takes NormInfo and WorkloadInfo objects or exactly one plugin object"
+            )
         if name is None:
             self._inline_count += 1
             name = f"inline-{self._inline_count}"
@@ -376,12 +417,14 @@ class Registry:
         return Registration(self, name)
 
     def unregister(self, plugin_name: str) -> None:
-        """Remove plugin ``plugin_name`` and its norms; unknown names are ignored."""
+        """Remove plugin ``plugin_name``, its norms and workloads; unknown names are ignored."""
         record = self._plugins.pop(plugin_name, None)
         if record is None:
             return
         for norm in record.norms:
             self._norms.pop(norm, None)
+        for workload in record.workloads:
+            self._workloads.pop(workload, None)
         if self._manager.has_plugin(plugin_name):
             self._manager.unregister(name=plugin_name)
 
@@ -401,6 +444,21 @@ class Registry:
         except (KeyError, TypeError):
             message = suggest("norm", str(name), self._norms) + self._missing_plugins_hint()
             raise UnknownNormError(message) from None
+
+    def workloads(self) -> list[WorkloadInfo]:
+        """Every registered workload, sorted by name."""
+        self._ensure_loaded()
+        return [self._workloads[name] for name in sorted(self._workloads)]
+
+    def workload(self, name: str) -> WorkloadInfo:
+        """The :class:`WorkloadInfo` of ``name``; :class:`UnknownWorkloadError` lists valid
+        names and the plugins that failed to load."""
+        self._ensure_loaded()
+        try:
+            return self._workloads[name]
+        except (KeyError, TypeError):
+            message = suggest("workload", str(name), self._workloads)
+            raise UnknownWorkloadError(message + self._missing_plugins_hint()) from None
 
     def _missing_plugins_hint(self) -> str:
         hints = []
@@ -486,3 +544,47 @@ def _plugin_location(record: PluginRecord, error: BaseException | None) -> tuple
     module = sys.modules.get(record.module) if record.module else None
     filename = getattr(module, "__file__", None)
     return (filename or f"<normzoo plugin {record.name}>"), 1
+
+
+@lru_cache(maxsize=1)
+def default_registry() -> Registry:
+    """The process-wide registry behind the functions below, loaded on first use."""
+    return Registry()
+
+
+def available() -> list[NormInfo]:
+    """Every registered norm, sorted by name."""
+    return default_registry().available()
+
+
+def info(name: str) -> NormInfo:
+    """The declaration of norm ``name``; raises :class:`UnknownNormError` listing valid names."""
+    return default_registry().info(name)
+
+
+def build(name: str, num_features: int, layout: str = "conv", **options: Any) -> nn.Module:
+    """Build norm ``name`` for ``num_features`` channels in ``layout`` (see
+    :mod:`normzoo.layouts`: ``fc``, ``conv1d``, ``conv``/``conv2d``, ``conv3d``, ``seq``);
+    see :meth:`Registry.build`."""
+    return default_registry().build(name, num_features, layout, **options)
+
+
+def register(*items: Declaration | object, name: str | None = None) -> Registration:
+    """Register norms and workloads (or a plugin object) in this process; ``.undo()`` removes
+    them again."""
+    return default_registry().register(*items, name=name)
+
+
+def plugins() -> list[PluginRecord]:
+    """Every plugin seen, with its distribution, version, norms and load error."""
+    return default_registry().plugins()
+
+
+def workloads() -> list[WorkloadInfo]:
+    """Every registered workload, sorted by name."""
+    return default_registry().workloads()
+
+
+def workload(name: str) -> WorkloadInfo:
+    """The declaration of workload ``name``; raises :class:`UnknownWorkloadError`."""
+    return default_registry().workload(name)

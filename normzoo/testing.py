@@ -33,7 +33,7 @@ from torch.func import functional_call
 from normzoo.errors import LayoutError
 from normzoo.interface import NormInfo
 from normzoo.layouts import LAYOUT_NAMES, Layout, get_layout
-from normzoo.registry import Registry
+from normzoo.registry import Registry, default_registry
 
 #: Channels of the test inputs unless the caller gives ``num_features``.
 NUM_FEATURES = 4
@@ -82,12 +82,6 @@ class Subject:
 
 
 Check = Callable[[Subject], None]
-
-
-def _default_registry() -> Registry:
-    from normzoo import default_registry
-
-    return default_registry()
 
 
 def sample_input(
@@ -540,7 +534,7 @@ def run_check(
         Channel count of the test inputs, for options that constrain it; ``None`` for the
         suite's own (4, and 2 in gradcheck).
     """
-    registry = registry or _default_registry()
+    registry = registry or default_registry()
     subject = Subject(registry.info(norm_name), registry, dict(options or {}), num_features)
     CHECKS[check](subject)
 

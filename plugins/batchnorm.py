@@ -135,10 +135,10 @@ class BatchNorm(NormBase):
         self,
         num_features: int,
         layout: str,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        sync: bool = True,
+        eps: float,
+        momentum: float | None,
+        affine: bool,
+        sync: bool,
     ) -> None:
         super().__init__(num_features, layout, eps, momentum, affine)
         self.sync = sync

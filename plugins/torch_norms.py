@@ -35,15 +35,14 @@ from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normzoo.base import AffineNorm
+from normzoo.errors import LayoutError, OptionError
 from normzoo.hookspecs import hookimpl
 from normzoo.interface import (
     AFFINE,
     EPS,
     MOMENTUM,
-    LayoutError,
     NormInfo,
     Option,
-    OptionError,
     check_batch_size,
     check_input,
 )

@@ -206,11 +206,11 @@ class GroupWhitening(NormBase):
         self,
         num_features: int,
         layout: str,
-        group_size: int = 16,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        sync: bool = True,
+        group_size: int,
+        eps: float,
+        momentum: float | None,
+        affine: bool,
+        sync: bool,
     ) -> None:
         self._cache_valid = False
         super().__init__(num_features, layout, eps, momentum, affine)
@@ -368,12 +368,12 @@ class IterNorm(GroupWhitening):
         self,
         num_features: int,
         layout: str,
-        iterations: int = 5,
-        group_size: int = 16,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        sync: bool = True,
+        iterations: int,
+        group_size: int,
+        eps: float,
+        momentum: float | None,
+        affine: bool,
+        sync: bool,
     ) -> None:
         super().__init__(num_features, layout, group_size, eps, momentum, affine, sync)
         self.iterations = iterations

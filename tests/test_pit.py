@@ -479,21 +479,18 @@ def test_eval_with_gradients_after_an_inference_mode_pass():
 @pytest.mark.skipif(kernel.numba is None, reason="numba is not installed")
 def test_numbas_thread_pool_is_sized_to_the_process_share_of_the_cores():
     """A pool of the machine's cores in a process given one thread made a training step 20x
-    slower when other processes shared the cores (see the kernel's docstring)."""
+    slower when other processes shared the cores (see the kernel's docstring). The pool takes
+    torch's thread count, and the environment is left as it was (children choose their own)."""
     code = (
-        "from normzoo_plugins.pit import kernel; import torch; "
-        "print(torch.get_num_threads(), kernel.numba.config.NUMBA_NUM_THREADS)"
+        "import os, torch; torch.set_num_threads(1); "
+        "from normzoo_plugins.pit import kernel; "
+        "print(torch.get_num_threads(), kernel.numba.config.NUMBA_NUM_THREADS, "
+        "kernel.POOL_THREADS, os.environ.get('NUMBA_NUM_THREADS'))"
     )
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_NUM_THREADS"}
-    out = subprocess.run([sys.executable, "-c", code], env=env | {"OMP_NUM_THREADS": "1"},
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
-    assert out.split() == ["1", "1"]
-    from normzoo.harness.processes import use_threads
-
-    before = dict(os.environ)
-    try:
-        use_threads(torch.get_num_threads())
-        assert os.environ["NUMBA_NUM_THREADS"] == str(torch.get_num_threads())
-    finally:
-        os.environ.clear()
-        os.environ.update(before)
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout  # fmt: skip
+    assert out.split() == ["1", "1", "1", "None"]
+    given = subprocess.run([sys.executable, "-c", code], env=env | {"NUMBA_NUM_THREADS": "2"},
+                           capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert given.split() == ["1", "2", "2", "2"]

@@ -592,3 +592,82 @@ def test_the_cli_warning_about_a_skipped_plugin_names_its_file(fake_site, capsys
 
     cli._show_warning("normzoo plugin 'x' skipped", normzoo.PluginWarning, "/p/x.py", 7)
     assert capsys.readouterr().err.strip().endswith("(/p/x.py:7)")
+
+
+# -- one default per option, one plugin-author API ----------------------------------------------
+
+
+def test_a_factory_default_that_disagrees_with_its_option_is_refused_naming_both():
+    def factory(num_features: int, layout: str, momentum: float = 0.5) -> nn.Module:
+        return nn.Identity()
+
+    declared = make_info("two-defaults", factory=factory, options=(normzoo.MOMENTUM,))
+    with pytest.raises(normzoo.DeclarationError) as raised:
+        Registry(entry_points=False).register(declared)
+    message = str(raised.value)
+    assert "'two-defaults'" in message and "'momentum'" in message
+    assert "0.1" in message and "0.5" in message
+
+
+def test_a_factory_default_equal_to_its_option_or_none_at_all_is_accepted():
+    def same(num_features: int, layout: str, momentum: float | None = 0.1) -> nn.Module:
+        return nn.Identity()
+
+    def none(num_features: int, layout: str, momentum: float | None) -> nn.Module:
+        return nn.Identity()
+
+    registry = Registry(entry_points=False)
+    for name, factory in (("same-default", same), ("no-default", none)):
+        registry.register(make_info(name, factory=factory, options=(normzoo.MOMENTUM,)))
+        assert isinstance(registry.build(name, 3, "fc"), nn.Identity)
+
+
+def test_no_bundled_factory_keeps_a_second_copy_of_an_option_default():
+    """Bundled factories take their options without defaults, or with the Option's own default
+    object (``AffineNorm``'s ``eps = EPS.default``): the Option holds the only copy."""
+    import inspect
+
+    for norm in normzoo.available():
+        if norm.plugin not in {"batchnorm", "torch-norms", "whitening", "pit"}:
+            continue
+        parameters = inspect.signature(norm.factory).parameters
+        for option in norm.options:
+            default = parameters[option.name].default
+            assert default is inspect.Parameter.empty or default is option.default, norm.name
+
+
+def test_the_plugin_author_api_is_the_package_root():
+    from normzoo import (  # noqa: F401
+        AFFINE,
+        EPS,
+        LAYOUTS,
+        MOMENTUM,
+        SYNC,
+        AffineNorm,
+        BatchSizeError,
+        LayoutError,
+        NormBase,
+        NormInfo,
+        Option,
+        OptionError,
+        Slot,
+        WorkloadInfo,
+        check_batch_size,
+        check_input,
+        hookimpl,
+    )
+
+    assert issubclass(NormBase, AffineNorm)
+    assert all(isinstance(layout, normzoo.Layout) for layout in LAYOUTS.values())
+    assert not hasattr(normzoo.interface, "LAYOUTS")  # one LAYOUTS, not a second with one name
+
+
+def test_the_example_plugin_imports_nothing_of_normzoo_but_the_package_root():
+    import ast
+
+    source = Path(__file__).resolve().parents[1] / "examples/normzoo-mean-only-bn"
+    tree = ast.parse((source / "normzoo_mean_only_bn.py").read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}  # fmt: skip
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert {name for name in imported if name.startswith("normzoo")} == {"normzoo"}

@@ -6,7 +6,6 @@ from functools import partial
 import torch
 
 import normzoo
-from normzoo.interface import check_batch_size, check_input
 
 
 class MeanOnlyBatchNorm(normzoo.NormBase):
@@ -17,10 +16,10 @@ class MeanOnlyBatchNorm(normzoo.NormBase):
         self.register_running_stat("running_mean", partial(torch.zeros, num_features))
 
     def forward(self, x):
-        check_input(x, self.num_features, self.layout, "mean-only-bn")
+        normzoo.check_input(x, self.num_features, self.layout, "mean-only-bn")
         layout = self.layout_spec
         if self.training:
-            check_batch_size(x, "mean-only-bn", self.layout)
+            normzoo.check_batch_size(x, "mean-only-bn", self.layout)
             mean = x.mean(dim=layout.reduce_dims)
             self.update_running_stats(running_mean=mean)
         else:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from normzoo.interface import NormzooError
+from normzoo.errors import NormzooError
 
 CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",

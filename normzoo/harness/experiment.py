@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import normzoo
+from normzoo.errors import NormzooError
 from normzoo.harness.data import FashionMNIST, load_fashion_mnist
 from normzoo.harness.model import build_lenet, first_line, frozen_affine_options
 from normzoo.harness.processes import current, join_from_environment, launch, local_device
@@ -39,7 +40,6 @@ from normzoo.harness.train import (
     resolve_device,
     train,
 )
-from normzoo.interface import NormzooError
 
 #: ``--seed`` must fit torch's generators (a signed 64-bit integer; ``seed + 1`` seeds a second).
 MAX_SEED = 2**63 - 1

@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 import normzoo
-from normzoo.interface import NormzooError, OptionError, suggest
+from normzoo.errors import NormzooError, OptionError, suggest
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}
 #: Which layers get a norm: ``all``, only the ``conv`` ones, only the ``fc`` ones, or ``none``.

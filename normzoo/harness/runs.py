@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from normzoo.interface import NormzooError
+from normzoo.errors import NormzooError
 
 CONFIG = "config.json"
 METRICS = "metrics.json"

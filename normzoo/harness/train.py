@@ -18,10 +18,10 @@ from torch import nn
 from tqdm import tqdm
 
 from normzoo.base import cumulative_running_stats, reestimable_norms
+from normzoo.errors import NormzooError
 from normzoo.harness.data import FashionMNIST, Split
 from normzoo.harness.model import first_line, norm_modules
 from normzoo.harness.processes import current
-from normzoo.interface import NormzooError
 
 EVAL_BATCH = 2048
 #: On an accelerator, the loss is read (a host sync) every this many batches and at the last.

@@ -28,10 +28,11 @@ false and torch operations do all the work.
 
 numba sizes its thread pool once, when it is imported: to ``NUMBA_NUM_THREADS``, else the
 machine's cores. A pool larger than the process's share of the cores thrashes when other
-processes share them: with two other training processes on this project's two cores, a
-1-thread LeNet step with ``pit`` took 680 ms against 30 ms with a pool of one. So, unless
-``NUMBA_NUM_THREADS`` is set, the pool is sized to torch's thread count at import, and
-normzoo's process launchers (``normzoo compare --jobs``, ``--nproc``) set it per process.
+processes share them (a 1-thread LeNet step with ``pit`` beside two other training processes
+on two cores ran 20x slower). So, unless ``NUMBA_NUM_THREADS`` is set, numba is imported with
+the variable set to torch's thread count, which every normzoo process launcher sets to the
+process's share, and the environment is left as it was: nothing outside this module needs to
+know that numba has a pool.
 
 ``tests/test_pit.py`` checks both against their torch equivalents.
 """
@@ -48,11 +49,18 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
-os.environ.setdefault("NUMBA_NUM_THREADS", str(torch.get_num_threads()))
+_POOL_SIZE = "NUMBA_NUM_THREADS"
+_given_pool_size = os.environ.get(_POOL_SIZE)
+os.environ[_POOL_SIZE] = _given_pool_size or str(torch.get_num_threads())
 try:
     import numba
 except ImportError:  # pragma: no cover (numba is a dependency; without it torch does the work)
     numba = None
+finally:
+    if _given_pool_size is None:
+        del os.environ[_POOL_SIZE]
+#: The size of numba's pool, fixed when numba was imported (its config may be re-read later).
+POOL_THREADS = numba.config.NUMBA_NUM_THREADS if numba is not None else 0
 
 #: The per-value loops run in parallel over channels; the per-channel ones (tables of a few
 #: hundred entries) on one thread, which also compiles several times faster.
@@ -319,7 +327,7 @@ def _parallel() -> Iterator[None]:
     """Around a parallel loop: one at a time per process (two Python threads may call ``pit``
     at once), with torch's thread count."""
     with _PARALLEL_LOOP:
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), POOL_THREADS)))
         yield
 
 

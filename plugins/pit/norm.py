@@ -86,12 +86,12 @@ class PIT(NormBase):
         self,
         num_features: int,
         layout: str,
-        num_knots: int = 64,
-        sample_size: int = 4096,
-        delta: float = 1e-6,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        sync: bool = True,
+        num_knots: int,
+        sample_size: int,
+        delta: float,
+        momentum: float | None,
+        affine: bool,
+        sync: bool,
     ) -> None:
         self._eval_cache: dict[torch.dtype, tuple[Lookup, kernel.FusedTable | None]] = {}
         super().__init__(num_features, layout, 1e-5, momentum, affine)
