@@ -47,13 +47,13 @@ from normzoo.registry import (
     Registration,
     Registry,
     available,
+    available_workloads,
     build,
     default_registry,
     info,
     plugins,
     register,
     workload,
-    workloads,
 )
 
 try:
@@ -92,6 +92,7 @@ __all__ = [
     "WorkloadInfo",
     "__version__",
     "available",
+    "available_workloads",
     "build",
     "check_batch_size",
     "check_input",
@@ -103,5 +104,4 @@ __all__ = [
     "plugins",
     "register",
     "workload",
-    "workloads",
 ]

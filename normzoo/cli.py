@@ -10,17 +10,22 @@ import signal
 import sys
 import textwrap
 import warnings
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import fields
+from typing import Any, NoReturn
 
 import normzoo
 from normzoo.compare import SMOKE_EXAMPLES
 from normzoo.errors import NormzooError
+from normzoo.harness.config import MAX_SEED, RunConfig, check_bounds
+from normzoo.workloads.slots import NO_SLOT
 
 EPILOG = """examples:
   normzoo run --norm batchnorm                  the textbook run: LeNet, 10 epochs, lr 1.0
   normzoo run --norm zca --norm-opt group_size=8 --activation relu --lr 0.1
   normzoo list                                  registered norms
+  normzoo workloads                             registered workloads (lenet, mlp, ...)
+  normzoo run --workload mlp --norm zca         the MLP of the decorrelated-BN experiments
   normzoo info batchnorm                        options, defaults and reference of a norm
   normzoo plugins                               loaded plugins and their load errors
   normzoo run --norm zca --nproc 2              two processes, statistics over the whole batch
@@ -105,19 +110,54 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _seed(text: str) -> int:
-    """A seed torch's generators accept: 0 to 2**63 - 1 (larger ones overflow deep in torch)."""
-    from normzoo.harness.experiment import MAX_SEED
+def _bounded_int(name: str, metadata: Mapping[str, Any]) -> Callable[[str], int]:
+    """An argparse type: an integer within the bounds of a :class:`RunConfig` field."""
+    low, high = metadata.get("minimum"), metadata.get("maximum")
+    if high == MAX_SEED:
+        wanted = f"an integer from {low} to 2**63 - 1 ({MAX_SEED})"
+    elif low == 1:
+        wanted = "a positive integer"
+    else:
+        wanted = f"an integer >= {low}" if low is not None else "an integer"
 
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(
-            f"expected an integer from 0 to 2**63 - 1 ({MAX_SEED}), got {text!r}"
-        )
-    return value
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+            check_bounds(name, value, metadata)
+        except (ValueError, NormzooError):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+        return value
+
+    return parse
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per :class:`RunConfig` field, its default, help, bounds and choices taken
+    from the field: the command line restates none of them."""
+    parser.add_argument(
+        "--norm-opt", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+        dest="norm_options",
+        help="norm option, repeatable; converted by its declared type (see `normzoo info NAME`)",
+    )  # fmt: skip
+    defaults = RunConfig()
+    for spec in fields(RunConfig):
+        if spec.name == "norm_options":
+            continue
+        flag = "--" + spec.name.replace("_", "-")
+        default, metadata = getattr(defaults, spec.name), spec.metadata
+        if isinstance(default, bool):
+            if default:
+                flag = "--no-" + spec.name.replace("_", "-")
+            action = "store_false" if default else "store_true"
+            help_text = metadata.get("flag", metadata.get("help"))
+            parser.add_argument(flag, dest=spec.name, action=action, help=help_text)
+            continue
+        kind = metadata.get("type", type(default))
+        parser.add_argument(
+            flag, default=default, help=metadata.get("help"), metavar=metadata.get("metavar"),
+            type=_bounded_int(spec.name, metadata) if kind is int else kind,
+            choices=metadata.get("choices"),
+        )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,86 +174,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser(
         "run",
-        help="train LeNet on Fashion-MNIST with a norm and save the results",
-        description="Train LeNet on Fashion-MNIST with the chosen norm. Writes config.json, "
-        "metrics.json (after every epoch), model.pt and curves.png to a new directory under "
-        "--runs-dir. Defaults are the textbook's: lr 1.0, 10 epochs, batch 256, sigmoid.",
+        help="train a workload (default: LeNet on Fashion-MNIST) with a norm and save the results",
+        description="Train a workload's model (the default: the book's LeNet on Fashion-MNIST) "
+        "with the chosen norm in its slots. Writes config.json, metrics.json (after every "
+        "epoch), model.pt and curves.png to a new directory under --runs-dir. Defaults are the "
+        "textbook's: lr 1.0, 10 epochs, batch 256, sigmoid.",
         formatter_class=_HelpFormatter,
     )
-    run.add_argument("--norm", default="batchnorm", help="registered norm (see `normzoo list`)")
-    run.add_argument(
-        "--norm-opt", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
-        help="norm option, repeatable; converted by its declared type (see `normzoo info NAME`)",
-    )  # fmt: skip
-    run.add_argument(
-        "--activation", default="sigmoid", choices=["sigmoid", "relu"],
-        help="LeNet's activation after each norm",
-    )  # fmt: skip
-    run.add_argument(
-        "--placement", default="all", choices=["all", "conv", "fc", "none"],
-        help="which layers get a norm",
-    )  # fmt: skip
-    run.add_argument(
-        "--no-bias-before-norm", dest="bias_before_norm", action="store_false",
-        help="drop the bias of conv/fc layers that feed a norm",
-    )  # fmt: skip
-    run.add_argument(
-        "--dropout", type=float, default=0.0, help="dropout after the hidden fc layers"
-    )
-    run.add_argument(
-        "--freeze-affine", action="store_true",
-        help="keep every norm's gamma at 1 and beta at 0 (builds the norms with affine=false)",
-    )  # fmt: skip
-    run.add_argument("--epochs", type=_positive_int, default=10, help="passes over the data")
-    run.add_argument("--lr", type=float, default=1.0, help="SGD learning rate")
-    run.add_argument(
-        "--batch-size", type=_positive_int, default=256,
-        help="examples per SGD step (the last incomplete batch of an epoch is dropped)",
-    )  # fmt: skip
-    run.add_argument(
-        "--seed", type=_seed, default=0, help="0 to 2**63 - 1; same seed, same numbers on a CPU"
-    )
-    run.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    run.add_argument(
-        "--data-dir", default=None,
-        help="directory with the four Fashion-MNIST IDX files (gzipped or not, or torchvision's "
-        "FashionMNIST/raw layout); default: the copy bundled with normzoo",
-    )  # fmt: skip
-    run.add_argument("--download", action="store_true", help="fetch the data into --data-dir first")
-    run.add_argument(
-        "--train-subset", type=_positive_int, default=None, help="use the first N training examples"
-    )
-    run.add_argument(
-        "--test-subset", type=_positive_int, default=None, help="use the first N test examples"
-    )
-    run.add_argument(
-        "--precise-stats",
-        type=int,
-        default=50,
-        metavar="N",
-        help="before each test, re-estimate the norms' running statistics over N training "
-        "batches with frozen weights; 0 keeps the running averages from training (the book's "
-        "protocol, whose eval accuracy swings by several points between epochs at lr 1.0)",
-    )
-    run.add_argument("--runs-dir", default="runs", help="parent directory of the run directories")
-    run.add_argument(
-        "--nproc", type=_positive_int, default=1, metavar="N",
-        help="train on N local processes (DDP; gloo on CPU, NCCL on CUDA), each on its share of "
-        "every batch; the norms with a sync option (batchnorm, zca, iternorm, pit) compute their "
-        "statistics over the whole batch, others (e.g. torch-batchnorm) per process; the cores "
-        "are split between them. Under torchrun, leave it at 1: the processes come from torchrun",
-    )  # fmt: skip
-    run.add_argument(
-        "--compile", action="store_true",
-        help="run the training steps through torch.compile: the first step compiles (seconds "
-        "to a minute, per norm; on a CPU it needs a C++ compiler), later ones are faster "
-        "(see docs/performance.md)",
-    )  # fmt: skip
+    _add_config_options(run)
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     run.set_defaults(handler=_run)
 
     listing = commands.add_parser("list", help="list the registered norms")
+    listing.add_argument(
+        "--workloads", action="store_true", help="list the registered workloads instead"
+    )
     listing.set_defaults(handler=_list)
+
+    workloads = commands.add_parser(
+        "workloads", help="list the registered workloads (models with norm slots, and data)"
+    )
+    workloads.set_defaults(handler=_workloads)
 
     info = commands.add_parser("info", help="show a norm's options, defaults and reference")
     info.add_argument("name", help="norm name")
@@ -229,20 +210,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench",
         help="time norms against torch's batch norm, interleaved in one run",
-        description="Time each norm against torch's batch norm in the same place (in LeNet: a "
-        "training step and an eval forward; alone: one layer at each of LeNet's four norm "
-        "shapes), in alternating rounds, and print the median ratio and the bytes saved for "
-        "backward: speeds measured in separate runs on a shared machine are not comparable.",
+        description="Time each norm against torch's batch norm in the same place (in a "
+        "workload's model, LeNet by default: a training step and an eval forward; alone: one "
+        "layer at each of the model's norm slots), in alternating rounds, and print the median "
+        "ratio and the bytes saved for backward: speeds measured in separate runs on a shared "
+        "machine are not comparable.",
         formatter_class=_HelpFormatter,
     )
+    bench.add_argument(
+        "--workload", default="lenet", metavar="NAME",
+        help="registered workload (see `normzoo workloads`)",
+    )  # fmt: skip
     bench.add_argument(
         "--norms", type=_names, default=None, metavar="A,B",
         help="norms to measure; default: every registered norm",
     )  # fmt: skip
     bench.add_argument(
         "--cases", type=_names, default=None, metavar="A,B",
-        help="default all: lenet-train (forward, loss, backward, SGD step), lenet-eval, and "
-        "conv1/conv2/fc1/fc2-train/eval (one norm layer at each LeNet shape)",
+        help="the cases depend on the workload; default all of its: WORKLOAD-train (forward, "
+        "loss, backward, SGD step), WORKLOAD-eval, and SLOT-train/eval for each of its norm "
+        "slots (one norm layer alone at that slot's shape), e.g. for lenet: lenet-train, "
+        "lenet-eval, conv1/conv2/fc1/fc2-train/eval",
     )  # fmt: skip
     bench.add_argument(
         "--end-to-end", action="store_true",
@@ -323,9 +311,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from normzoo import bench_page
     from normzoo.bench import (
-        CASES,
         BenchConfig,
         end_to_end,
         format_table,
@@ -333,15 +319,16 @@ def _bench(args: argparse.Namespace) -> int:
         to_json,
         write_json,
     )
+    from normzoo.bench import page as bench_page
 
     if args.page:
         bench_page.require_section(args.page)
     if not args.end_to_end and (args.compile or args.epochs != 1):
         raise NormzooError("--epochs and --compile apply to --end-to-end; add --end-to-end")
     config = BenchConfig(
-        norms=args.norms or (), cases=args.cases or CASES, batch_size=args.batch_size,
-        threads=args.threads, device=args.device, rounds=args.rounds, quick=args.quick,
-        epochs=args.epochs, compile=args.compile,
+        workload=args.workload, norms=args.norms or (), cases=args.cases or (),
+        batch_size=args.batch_size, threads=args.threads, device=args.device,
+        rounds=args.rounds, quick=args.quick, epochs=args.epochs, compile=args.compile,
     )  # fmt: skip
 
     def report(m) -> None:  # noqa: ANN001
@@ -410,38 +397,20 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from normzoo.harness.experiment import RunConfig, run_experiment
+    from normzoo.harness.launch import launch
     from normzoo.harness.train import EpochMetrics
 
     if args.download and args.data_dir is None:
         raise NormzooError("--download needs --data-dir, the directory to download into")
-    config = RunConfig(
-        norm=args.norm,
-        norm_options=dict(args.norm_opt),
-        activation=args.activation,
-        placement=args.placement,
-        bias_before_norm=args.bias_before_norm,
-        dropout=args.dropout,
-        freeze_affine=args.freeze_affine,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        device=args.device,
-        data_dir=args.data_dir,
-        download=args.download,
-        train_subset=args.train_subset,
-        test_subset=args.test_subset,
-        precise_stats=args.precise_stats,
-        runs_dir=args.runs_dir,
-        nproc=args.nproc,
-        compile=args.compile,
-    )
+    settings = {spec.name: getattr(args, spec.name) for spec in fields(RunConfig)}
+    config = RunConfig(**{**settings, "norm_options": dict(args.norm_options)})
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 reports
-    if args.placement == "none" and (args.norm != "batchnorm" or args.norm_opt) and main_process:
+    given_norm = args.norm != RunConfig.norm or args.norm_options
+    if args.placement == NO_SLOT and given_norm and main_process:
         warnings.warn(
-            f"--placement none puts no norm in LeNet: --norm {args.norm} and its options are "
-            "checked but not used (the run directory and config.json still name them)",
+            f"--placement none puts no norm in {args.workload}: --norm {args.norm} and its "
+            "options are checked but not used (the run directory and config.json still name "
+            "them)",
             stacklevel=1,
         )
 
@@ -450,7 +419,7 @@ def _run(args: argparse.Namespace) -> int:
             print(metrics.summary(), flush=True)
 
     try:
-        result = run_experiment(config, progress=args.progress, on_epoch=report)
+        result = launch(config, progress=args.progress, on_epoch=report)
     except KeyboardInterrupt as error:
         # only around the run: once it has returned, its files say finished
         directory = getattr(error, "directory", None)
@@ -475,6 +444,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
+    if args.workloads:
+        return _workloads(args)
     norms = normzoo.available()
     width = max(len(norm.name) for norm in norms)
     layouts = {norm.name: ",".join(norm.layouts) for norm in norms}
@@ -483,6 +454,17 @@ def _list(args: argparse.Namespace) -> int:
     for norm in norms:
         batch = "yes" if norm.uses_batch_stats else "no"
         print(f"{norm.name:<{width}}  {layouts[norm.name]:<{column}}  {batch:<11}  {norm.summary}")
+    return 0
+
+
+def _workloads(args: argparse.Namespace) -> int:
+    for workload in normzoo.available_workloads():
+        default = " (default)" if workload.name == RunConfig.workload else ""
+        print(f"{workload.name}{default}: {workload.summary}")
+        print(f"  plugin:    {workload.plugin}, version {workload.version}")
+        print(f"  reference: {workload.reference or '-'}")
+        slots = ", ".join(f"{slot.name} ({slot.channels} {slot.layout})" for slot in workload.slots)
+        print(f"  slots:     {slots}")
     return 0
 
 
@@ -509,7 +491,8 @@ def _plugins(args: argparse.Namespace) -> int:
         elif record.failed:
             state = f"FAILED: {record.error}"
         else:
-            state = f"norms: {', '.join(record.norms)}"
+            declared = [("norms", record.norms), ("workloads", record.workloads)]
+            state = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in declared if names)
         print(f"{record.name} ({origin}): {state}")
         if record.failed and record.traceback:
             if args.verbose:

@@ -71,3 +71,10 @@ def suggest(kind: str, bad: str, valid: Iterable[str]) -> str:
     choices = closest_first(bad, valid)
     listing = ", ".join(choices) if choices else "(none)"
     return f"unknown {kind} {bad!r}; valid {kind}s: {listing}"
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message: torch's errors run to many lines, a normzoo
+    error is one, and the full text stays on the chained ``__cause__``."""
+    lines = str(error).strip().splitlines()
+    return lines[0].strip() if lines else ""

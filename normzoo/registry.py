@@ -580,8 +580,9 @@ def plugins() -> list[PluginRecord]:
     return default_registry().plugins()
 
 
-def workloads() -> list[WorkloadInfo]:
-    """Every registered workload, sorted by name."""
+def available_workloads() -> list[WorkloadInfo]:
+    """Every registered workload, sorted by name (not ``workloads``: that name is the package
+    :mod:`normzoo.workloads`)."""
     return default_registry().workloads()
 
 

@@ -67,3 +67,10 @@ def fake_site(tmp_path, monkeypatch):
     yield site
     for module in ("normzoo_scale", "normzoo_broken"):
         sys.modules.pop(module, None)
+
+
+def lenet(norm: str = "batchnorm", norm_options: dict | None = None, **settings):
+    """The book's LeNet with ``norm`` in its slots, built as the harness builds it."""
+    from normzoo.workloads.slots import ModelSettings, build_model
+
+    return build_model(ModelSettings(norm=norm, norm_options=norm_options or {}, **settings))

@@ -10,18 +10,17 @@ import pytest
 import torch
 
 import normzoo
-from normzoo import bench_page
-from normzoo.bench import (
-    BASELINE,
-    CASES,
-    LAYERS,
-    BenchConfig,
-    end_to_end,
-    format_table,
-    run_bench,
-    saved_bytes,
-)
+from normzoo.bench import BenchConfig, end_to_end, format_table, run_bench, to_json
+from normzoo.bench import page as bench_page
+from normzoo.bench.timing import BASELINE, saved_bytes, workload_cases
 from normzoo.cli import main
+
+#: lenet's cases, in order: docs/performance.md and its stored measurement are rendered from
+#: these names, so they may not change.
+LENET_CASES = (
+    "lenet-train", "lenet-eval", "conv1-train", "conv1-eval", "conv2-train", "conv2-eval",
+    "fc1-train", "fc1-eval", "fc2-train", "fc2-eval",
+)  # fmt: skip
 
 
 def test_each_case_is_timed_against_the_baseline_in_the_same_rounds():
@@ -45,14 +44,62 @@ def test_each_case_is_timed_against_the_baseline_in_the_same_rounds():
     assert all(m.saved_bytes is None for m in results if m.case == "lenet-eval")
 
 
+def test_lenets_cases_are_the_model_then_its_four_slots_in_order():
+    assert workload_cases("lenet") == LENET_CASES
+    assert BenchConfig().selected_cases() == LENET_CASES  # the default: lenet, every case
+    slots = [slot.name for slot in normzoo.workload("lenet").slots]
+    assert [case.rpartition("-")[0] for case in LENET_CASES[2::2]] == slots
+
+
 def test_layer_cases_cover_lenets_four_norm_shapes_and_count_saved_bytes():
-    config = BenchConfig(norms=("batchnorm",), cases=CASES[2:], batch_size=16, quick=True)
+    config = BenchConfig(norms=("batchnorm",), cases=LENET_CASES[2:], batch_size=16, quick=True)
     results = {m.case: m for m in run_bench(config)}
-    assert set(results) == {f"{layer}-{mode}" for layer in LAYERS for mode in ("train", "eval")}
+    assert tuple(results) == LENET_CASES[2:]
     # the from-scratch batch norm keeps what torch keeps for its backward: the input
     conv1 = results["conv1-train"]
     assert conv1.saved_bytes == pytest.approx(conv1.baseline_saved_bytes, rel=0.05)
     assert conv1.saved_bytes >= 16 * 6 * 24 * 24 * 4
+
+
+def test_another_workload_measures_its_model_and_its_slots(tmp_path, capsys):
+    path = tmp_path / "mlp.json"
+    command = ["bench", "--workload", "mlp", "--quick", "--norms", "batchnorm",
+               "--cases", "mlp-train,fc1-eval", "--batch-size", "16", "--threads", "1",
+               "--json", str(path)]  # fmt: skip
+    assert main(command) == 0
+    assert "workload mlp," in capsys.readouterr().out
+    saved = json.loads(path.read_text())
+    assert saved["config"]["workload"] == "mlp"
+    assert [(r["norm"], r["case"]) for r in saved["results"]] == [
+        ("batchnorm", "mlp-train"), ("batchnorm", "fc1-eval"),
+    ]  # fmt: skip
+    assert all(r["ratio"] > 0 for r in saved["results"])
+    assert saved["results"][0]["saved_bytes"] > 0  # the MLP's step, autograd's saved tensors
+    slots = [f"fc{i}-{mode}" for i in range(1, 5) for mode in ("train", "eval")]
+    assert workload_cases("mlp") == ("mlp-train", "mlp-eval", *slots)
+
+
+def test_a_lenet_results_file_reads_as_before_workloads_existed():
+    config = BenchConfig(norms=("batchnorm",), quick=True)
+    settings = to_json([], config)["config"]
+    assert "workload" not in settings and settings["cases"] == list(LENET_CASES)
+    assert list(settings) == [
+        "norms", "cases", "batch_size", "threads", "device", "rounds", "min_run_time", "quick",
+        "epochs", "compile",
+    ]  # fmt: skip
+    assert to_json([], BenchConfig(workload="mlp"))["config"]["workload"] == "mlp"
+
+
+def test_an_unknown_case_is_one_line_naming_the_workloads_cases(capsys):
+    assert main(["bench", "--workload", "mlp", "--cases", "conv1-train", "--quick"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert "workload 'mlp': unknown case 'conv1-train'; valid cases: " in err
+    for case in workload_cases("mlp"):
+        assert case in err
+    assert "lenet" not in err and "conv2" not in err
+    with pytest.raises(normzoo.NormzooError, match="unknown workload 'lenett'"):
+        run_bench(BenchConfig(workload="lenett"))
 
 
 def test_saved_bytes_counts_each_saved_tensor_once():
@@ -108,7 +155,7 @@ def test_a_case_a_norm_cannot_run_is_reported_as_skipped_with_the_reason(capsys)
     [
         (
             BenchConfig(cases=("lenet-trian",)),
-            "unknown case 'lenet-trian'; valid cases: lenet-train",
+            "workload 'lenet': unknown case 'lenet-trian'; valid cases: lenet-train",
         ),
         (BenchConfig(norms=("batchnrom",)), "unknown norm 'batchnrom'"),
         (BenchConfig(batch_size=1), "batch size must be >= 2"),
@@ -163,6 +210,26 @@ def test_the_section_is_rendered_from_the_stored_measurement_alone():
     assert "End to end, `batchnorm`, 3 epochs of 60,000 training examples, each followed" in text
     assert "| harness, `--compile` (compile time included) | 13,500 |" in text
     assert "| ratio, `--compile` | **3.00** |" in text
+
+
+def test_the_section_of_another_workload_names_it_and_its_slots_shapes(tmp_path):
+    data = stored(end_to_end=False)
+    data["config"]["workload"] = "mlp"
+    for result in data["results"]:
+        result["case"] = result["case"].replace("lenet", "mlp")
+    text = bench_page.render(data)
+    assert "`mlp`, the norm in all four slots:" in text and "LeNet" not in text
+    assert "| `batchnorm` | 45.0 | 1.50 | 12.0 | 1.50 | 3.0 MiB (3.00) |" in text
+    assert (
+        "ratios at `mlp`'s shapes fc1 (B, 256), fc2 (B, 256), fc3 (B, 256), fc4 (B, 256):" in text
+    )
+    # a measurement of a workload not registered here is a problem of the page, not a crash
+    data["config"]["workload"] = "gone"
+    page = tmp_path / "gone.md"
+    page.write_text(f"{bench_page.BEGIN}\n{bench_page.END}\n")
+    bench_page.stored_path(page).write_text(json.dumps(data))
+    (problem,) = bench_page.check([page])
+    assert "bench section: unknown workload 'gone'" in problem
 
 
 def test_bench_writes_the_page_section_and_compare_check_holds_it_to_the_stored_json(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 
 import normzoo
 from normzoo.cli import main
-from normzoo.harness.data import bundled_dir
+from normzoo.workloads.data import bundled_dir
 
 
 def test_list_shows_the_bundled_norms(capsys):
@@ -58,7 +58,7 @@ def test_plugins_shows_versions(capsys):
         (["run", "--device", "meta"], "device 'meta' is not supported"),
         (  # 3 fits conv1's 6 channels, not conv2's 16: the error names what fits every layer
             ["run", "--norm", "groupnorm", "--norm-opt", "groups=3"],
-            "must divide num_features=16, got 3; choose one of 1, 2, 4, 8, 16 (LeNet normalizes "
+            "must divide num_features=16, got 3; choose one of 1, 2, 4, 8, 16 (lenet normalizes "
             "layers of 6, 16, 120, 84 channels with placement 'all'; values that fit all of "
             "them: groups = 1, 2)",
         ),
@@ -204,7 +204,7 @@ def test_a_norm_that_placement_none_leaves_out_is_warned_of(tmp_path, capsys):
             "--train-subset", "256", "--test-subset", "64", "--precise-stats", "0",
             "--no-progress", "--runs-dir", str(tmp_path)]  # fmt: skip
     assert main(argv) == 0
-    assert "warning: --placement none puts no norm in LeNet: --norm layernorm" in (
+    assert "warning: --placement none puts no norm in lenet: --norm layernorm" in (
         capsys.readouterr().err
     )
 

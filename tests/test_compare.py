@@ -22,7 +22,7 @@ from normzoo.compare.cache import resolved_config, run_key
 from normzoo.compare.page import BEGIN, END, PageError, parse_page
 from normzoo.compare.render import _interval
 from normzoo.compare.summary import Interval
-from normzoo.harness.experiment import RunConfig
+from normzoo.harness.config import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "epochs = 1\ntrain_subset = 256\ntest_subset = 128\nprecise_stats = 2\n"

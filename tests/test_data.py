@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from normzoo.harness.data import DataError, bundled_dir, load_fashion_mnist, read_idx
-from normzoo.harness.experiment import RunConfig, run_experiment
+from normzoo.harness.config import RunConfig
+from normzoo.harness.launch import launch
+from normzoo.workloads.data import DataError, bundled_dir, load_fashion_mnist, read_idx
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +127,7 @@ def test_an_empty_test_set_is_an_error_not_accuracy_zero(train_files, tmp_path):
     runs = tmp_path / "runs"
     config = RunConfig(data_dir=str(train_files), runs_dir=str(runs), epochs=1, device="cpu")
     with pytest.raises(DataError, match="holds 0 images"):
-        run_experiment(config, progress=False)
+        launch(config, progress=False)
     assert not runs.exists()
 
 

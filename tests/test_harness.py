@@ -12,16 +12,18 @@ from torch import nn
 
 import normzoo
 from normzoo.compare.cache import resolved_config, run_key
-from normzoo.harness.data import Split
-from normzoo.harness.experiment import RunConfig, run_experiment
-from normzoo.harness.model import build_lenet
+from normzoo.harness.config import RunConfig
+from normzoo.harness.launch import launch
 from normzoo.harness.train import batch_bounds, reestimate_running_stats
+from normzoo.workloads.data import Split
+
+from .conftest import lenet
 
 SMALL = dict(epochs=3, train_subset=4096, test_subset=1000, device="cpu")
 
 
 def test_lenet_has_a_norm_after_every_conv_and_hidden_fc_layer():
-    model = build_lenet("batchnorm")
+    model = lenet("batchnorm")
     norms = [m for m in model if type(m).__name__ == "BatchNorm"]
     assert [(n.num_features, n.layout) for n in norms] == [
         (6, "conv"),
@@ -36,14 +38,14 @@ def test_lenet_has_a_norm_after_every_conv_and_hidden_fc_layer():
     "placement, expected", [("conv", [6, 16]), ("fc", [120, 84]), ("none", [])]
 )
 def test_placement_selects_the_normalized_layers(placement, expected):
-    model = build_lenet("torch-batchnorm", placement=placement)
+    model = lenet("torch-batchnorm", placement=placement)
     assert [
         m.num_features for m in model if isinstance(m, nn.modules.batchnorm._BatchNorm)
     ] == expected
 
 
 def test_options_activation_bias_and_dropout():
-    model = build_lenet("layernorm", activation="relu", bias_before_norm=False, dropout=0.5)
+    model = lenet("layernorm", activation="relu", bias_before_norm=False, dropout=0.5)
     layers = [m for m in model if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert [m.bias is None for m in layers] == [True, True, True, True, False]
     assert sum(isinstance(m, nn.ReLU) for m in model) == 4
@@ -54,15 +56,13 @@ def test_bad_model_options_are_named():
     with pytest.raises(
         normzoo.NormzooError, match="unknown activation 'tanh'; valid activations: relu, sigmoid"
     ):
-        build_lenet(activation="tanh")
+        lenet(activation="tanh")
     with pytest.raises(normzoo.UnknownNormError):
-        build_lenet("nope", placement="none")
+        lenet("nope", placement="none")
 
 
 def test_short_training_run_learns_and_saves_everything(tmp_path):
-    result = run_experiment(
-        RunConfig(norm="batchnorm", runs_dir=str(tmp_path), **SMALL), progress=False
-    )
+    result = launch(RunConfig(norm="batchnorm", runs_dir=str(tmp_path), **SMALL), progress=False)
     assert result.status == "finished"
     assert len(result.epochs) == 3 and result.epochs[-1].test_acc > 0.5  # chance is 0.1
     assert all(m.examples_per_sec > 0 for m in result.epochs)
@@ -74,7 +74,7 @@ def test_short_training_run_learns_and_saves_everything(tmp_path):
     assert config["config"]["norm"] == "batchnorm" and config["train_examples"] == 4096
     assert {"eps": 1e-5, "momentum": 0.1}.items() <= config["resolved_norm_options"].items()
     assert (path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    restored = build_lenet("batchnorm")
+    restored = lenet("batchnorm")
     restored.load_state_dict(torch.load(path / "model.pt", weights_only=True))
     assert not list(path.glob(".*.tmp"))
 
@@ -83,8 +83,8 @@ def test_same_seed_gives_the_same_numbers(tmp_path):
     config = RunConfig(
         norm="layernorm", runs_dir=str(tmp_path), epochs=1, train_subset=1000, test_subset=500
     )
-    first = run_experiment(config, progress=False).epochs[0]
-    second = run_experiment(config, progress=False).epochs[0]
+    first = launch(config, progress=False).epochs[0]
+    second = launch(config, progress=False).epochs[0]
     assert (first.train_loss, first.test_acc) == (second.train_loss, second.test_acc)
 
 
@@ -101,10 +101,10 @@ def test_compiled_training_steps_give_the_eager_numbers(tmp_path):
         norm="batchnorm", runs_dir=str(tmp_path), epochs=1, train_subset=1024, test_subset=512,
         lr=0.1, device="cpu",
     )  # fmt: skip
-    eager = run_experiment(config, progress=False)
+    eager = launch(config, progress=False)
     torch._dynamo.reset()
     counters.clear()
-    compiled = run_experiment(replace(config, compile=True), progress=False)
+    compiled = launch(replace(config, compile=True), progress=False)
     assert counters["stats"]["unique_graphs"] >= 1  # the steps did run through torch.compile
     assert compiled.epochs[0].train_loss == pytest.approx(eager.epochs[0].train_loss, rel=1e-4)
     assert abs(compiled.epochs[0].test_acc - eager.epochs[0].test_acc) <= 2 / 512
@@ -117,7 +117,7 @@ def test_compiled_training_steps_give_the_eager_numbers(tmp_path):
 
 def test_compile_refuses_several_processes(tmp_path):
     with pytest.raises(normzoo.NormzooError, match="--compile.*--nproc 2"):
-        run_experiment(RunConfig(compile=True, nproc=2, runs_dir=str(tmp_path)), progress=False)
+        launch(RunConfig(compile=True, nproc=2, runs_dir=str(tmp_path)), progress=False)
 
 
 class ExplodesInSecondEpoch(nn.Module):
@@ -143,7 +143,7 @@ def test_divergence_stops_the_run_and_keeps_finished_epochs(tmp_path):
         train_subset=1000, test_subset=200, batch_size=256,
     )  # fmt: skip
     with normzoo.register(info):
-        result = run_experiment(config, progress=False)
+        result = launch(config, progress=False)
     assert result.status == "diverged"
     assert "epoch 2" in result.message and "'explodes'" in result.message
     metrics = json.loads((result.directory.path / "metrics.json").read_text())
@@ -153,9 +153,9 @@ def test_divergence_stops_the_run_and_keeps_finished_epochs(tmp_path):
 
 def test_bad_run_settings_are_named(tmp_path):
     with pytest.raises(normzoo.NormzooError, match="lr must be > 0, got -1"):
-        run_experiment(RunConfig(lr=-1, runs_dir=str(tmp_path)), progress=False)
+        launch(RunConfig(lr=-1, runs_dir=str(tmp_path)), progress=False)
     with pytest.raises(normzoo.NormzooError, match="unknown device 'gpu0'"):
-        run_experiment(RunConfig(device="gpu0", runs_dir=str(tmp_path)), progress=False)
+        launch(RunConfig(device="gpu0", runs_dir=str(tmp_path)), progress=False)
     assert not list(tmp_path.iterdir())
 
 
@@ -167,7 +167,7 @@ def test_interrupted_run_keeps_the_finished_epochs(tmp_path):
         norm="none", runs_dir=str(tmp_path), epochs=3, train_subset=500, test_subset=100
     )
     with pytest.raises(KeyboardInterrupt):
-        run_experiment(config, progress=False, on_epoch=interrupt_after_first)
+        launch(config, progress=False, on_epoch=interrupt_after_first)
     (run_dir,) = tmp_path.iterdir()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "interrupted" and len(metrics["epochs"]) == 1
@@ -178,14 +178,14 @@ def test_incomplete_last_batch_is_dropped_and_too_few_examples_are_named(tmp_pat
     assert batch_bounds(600, 256) == [(0, 256), (256, 512)]
     config = RunConfig(runs_dir=str(tmp_path), epochs=1, train_subset=100, batch_size=256)
     with pytest.raises(normzoo.NormzooError, match="100 examples, fewer than one batch of 256"):
-        run_experiment(config, progress=False)
+        launch(config, progress=False)
     assert not list(tmp_path.iterdir())
 
 
 def test_precise_stats_replaces_running_averages_by_the_mean_over_batches():
     """Independent reference: the plain mean of per-batch statistics, computed by hand."""
     torch.manual_seed(0)
-    model = build_lenet("torch-batchnorm")
+    model = lenet("torch-batchnorm")
     images = torch.rand(64, 1, 28, 28)
     split = Split(images, torch.zeros(64, dtype=torch.long))
     first_norm = model[1]
@@ -216,8 +216,8 @@ def test_precise_stats_keeps_dropout_off_and_skips_norms_without_the_capability(
             return x
 
     torch.manual_seed(0)
-    with_dropout = build_lenet("batchnorm", dropout=0.5)
-    without = build_lenet("batchnorm")
+    with_dropout = lenet("batchnorm", dropout=0.5)
+    without = lenet("batchnorm")
     values = with_dropout.state_dict().values()  # the same tensors, other Sequential indices
     without.load_state_dict(dict(zip(without.state_dict(), values, strict=True)))
     images = torch.rand(64, 1, 28, 28)
@@ -236,7 +236,7 @@ def test_precise_stats_keeps_dropout_off_and_skips_norms_without_the_capability(
 
 @pytest.mark.parametrize("norm", [n.name for n in normzoo.available() if n.name != "instancenorm"])
 def test_freeze_affine_leaves_the_norms_without_learnable_parameters(norm):
-    model = build_lenet(norm, freeze_affine=True)
+    model = lenet(norm, freeze_affine=True)
     lenet_layers = (nn.Conv2d, nn.Linear)
     norm_parameters = [
         name
@@ -255,7 +255,7 @@ def test_freeze_affine_trains_with_gamma_one_and_beta_zero_and_is_recorded(tmp_p
         norm="batchnorm", epochs=1, train_subset=1024, test_subset=256, precise_stats=2,
         freeze_affine=True, runs_dir=str(tmp_path),
     )  # fmt: skip
-    result = run_experiment(config, progress=False)
+    result = launch(config, progress=False)
     saved = json.loads((result.directory.path / "config.json").read_text())
     assert saved["config"]["freeze_affine"] is True
     assert saved["resolved_norm_options"]["affine"] is False
@@ -278,16 +278,16 @@ def test_freeze_affine_refuses_a_norm_it_cannot_freeze_and_a_contradiction(tmp_p
     )  # fmt: skip
     with normzoo.register(info):
         with pytest.raises(normzoo.NormzooError, match="--freeze-affine needs a norm whose"):
-            build_lenet("scale-only", freeze_affine=True)
+            lenet("scale-only", freeze_affine=True)
     with pytest.raises(normzoo.NormzooError, match="contradicts --norm-opt affine=true"):
-        build_lenet("batchnorm", {"affine": "true"}, freeze_affine=True)
+        lenet("batchnorm", {"affine": "true"}, freeze_affine=True)
 
 
 def test_a_norm_without_lenets_fc_layout_says_which_placement_works():
     message = "does not support layout 'fc'.*--placement conv"
     with pytest.raises(normzoo.NormzooError, match=message):
-        build_lenet("instancenorm")
-    assert build_lenet("instancenorm", placement="conv") is not None
+        lenet("instancenorm")
+    assert lenet("instancenorm", placement="conv") is not None
 
 
 def test_a_norm_outside_normbase_declares_the_reestimation_capability():

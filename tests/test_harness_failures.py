@@ -13,9 +13,11 @@ import torch
 from torch import nn
 
 import normzoo
-from normzoo.harness.data import Split
-from normzoo.harness.experiment import RunConfig, RunInterrupted, RunResult, run_experiment
-from normzoo.harness.model import build_lenet, norm_modules
+from normzoo.harness.config import RunConfig
+from normzoo.harness.experiment import RunResult
+from normzoo.harness.group import resolve_device
+from normzoo.harness.interrupts import RunInterrupted
+from normzoo.harness.launch import launch
 from normzoo.harness.train import (
     NormProbeError,
     TrainingDiverged,
@@ -23,8 +25,11 @@ from normzoo.harness.train import (
     accuracy,
     check_finite_buffers,
     probe_norms,
-    resolve_device,
 )
+from normzoo.workloads.data import Split
+from normzoo.workloads.slots import norm_modules
+
+from .conftest import lenet
 
 # placement "fc": LeNet's children 8 and 11 are the norms, after fc 256->120 and fc 120->84
 TINY = dict(placement="fc", epochs=3, train_subset=768, test_subset=100, precise_stats=0)
@@ -134,7 +139,7 @@ class InterruptsWhenSaved(nn.Module):
 def run(tmp_path, norm: str, factory, **settings) -> RunResult:
     config = RunConfig(norm=norm, runs_dir=str(tmp_path / "runs"), **{**TINY, **settings})
     with normzoo.register(declare(norm, factory)):
-        return run_experiment(config, progress=False)
+        return launch(config, progress=False)
 
 
 def metrics_of(tmp_path) -> dict:
@@ -142,8 +147,8 @@ def metrics_of(tmp_path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
-def test_build_lenet_records_its_norms_by_name():
-    model = build_lenet("torch-batchnorm", placement="fc")
+def test_lenet_records_its_norms_by_name():
+    model = lenet("torch-batchnorm", placement="fc")
     assert [name for name, _ in norm_modules(model)] == ["8", "11"]
     assert [module for _, module in norm_modules(model)] == [model[8], model[11]]
     # the names are not in the state dict: files saved by normzoo 0.1.0 still load
@@ -193,7 +198,7 @@ def test_a_norm_that_raises_is_named_with_the_original_as_cause(tmp_path, factor
 def test_batch_size_one_with_batch_statistics_fails_in_the_trial_batch(tmp_path, norm):
     config = RunConfig(norm=norm, batch_size=1, runs_dir=str(tmp_path), **TINY)
     with pytest.raises(NormProbeError, match=f"norm '{norm}' .*--batch-size 1") as caught:
-        run_experiment(config, progress=False)
+        launch(config, progress=False)
     assert caught.value.__cause__ is not None
     assert not list(tmp_path.iterdir())
 
@@ -210,7 +215,7 @@ def test_a_factory_that_raises_is_one_error_naming_the_norm(tmp_path):
 
 def test_the_probe_leaves_the_model_and_the_random_streams_alone():
     torch.manual_seed(0)
-    model = build_lenet("torch-batchnorm", dropout=0.5)
+    model = lenet("torch-batchnorm", dropout=0.5)
     before = {key: value.clone() for key, value in model.state_dict().items()}
     split = Split(torch.rand(32, 1, 28, 28), torch.zeros(32, dtype=torch.long))
     rng = torch.random.get_rng_state()
@@ -239,7 +244,7 @@ def test_any_exception_is_recorded_as_failed_and_re_raised(tmp_path):
 
     config = RunConfig(norm="none", runs_dir=str(tmp_path / "runs"), **TINY)
     with pytest.raises(ValueError, match="callback broke"):
-        run_experiment(config, progress=False, on_epoch=broken_callback)
+        launch(config, progress=False, on_epoch=broken_callback)
     metrics = metrics_of(tmp_path)
     assert (metrics["status"], metrics["message"]) == ("failed", "ValueError: callback broke")
 
@@ -265,7 +270,7 @@ def test_non_finite_statistics_after_re_estimation_end_the_run_as_diverged(tmp_p
 
 
 def test_check_finite_buffers_names_a_module_that_is_not_a_norm():
-    model = build_lenet("none", placement="none")
+    model = lenet("none", placement="none")
     model[0].register_buffer("scale", torch.tensor([1.0, math.inf]))
     with pytest.raises(TrainingDiverged, match=r"^running statistics of '0' \(Conv2d\)"):
         check_finite_buffers(model, "none", "in epoch 1")
@@ -290,7 +295,7 @@ def test_interrupt_carries_the_directory_and_restores_the_sigterm_handler(tmp_pa
     before = signal.getsignal(signal.SIGTERM)
     config = RunConfig(norm="none", runs_dir=str(tmp_path / "runs"), **TINY)
     with pytest.raises(RunInterrupted) as caught:
-        run_experiment(config, progress=False, on_epoch=interrupt)
+        launch(config, progress=False, on_epoch=interrupt)
     assert signal.getsignal(signal.SIGTERM) is before
     assert caught.value.signal_number == signal.SIGINT
     assert caught.value.directory == next((tmp_path / "runs").iterdir())
@@ -312,7 +317,7 @@ def test_interrupt_carries_the_directory_and_restores_the_sigterm_handler(tmp_pa
 )
 def test_non_finite_and_out_of_range_settings_are_rejected(tmp_path, settings, message):
     with pytest.raises(normzoo.NormzooError, match=message):
-        run_experiment(RunConfig(runs_dir=str(tmp_path), **settings), progress=False)
+        launch(RunConfig(runs_dir=str(tmp_path), **settings), progress=False)
     assert not list(tmp_path.iterdir())
 
 
@@ -327,4 +332,4 @@ def test_devices_other_than_cpu_and_cuda_are_refused(device):
 def test_accuracy_of_an_empty_split_is_an_error():
     empty = Split(torch.zeros(0, 1, 28, 28), torch.zeros(0, dtype=torch.long))
     with pytest.raises(normzoo.NormzooError, match="0 examples"):
-        accuracy(build_lenet("none"), empty)
+        accuracy(lenet("none"), empty)

@@ -17,7 +17,7 @@ import normzoo
 from normzoo import NormInfo, Option, Registry
 from normzoo.testing import check_norm
 
-from .conftest import GOOD_PLUGIN, install_fake_distribution
+from .conftest import GOOD_PLUGIN, install_fake_distribution, lenet
 
 
 def identity_factory(num_features: int, layout: str, **options) -> nn.Module:
@@ -581,10 +581,8 @@ def test_a_misspelled_name_in_normzoo_disable_is_warned_of_with_the_closest(monk
 def test_reserved_names_passed_as_options_are_one_line():
     with pytest.raises(normzoo.OptionError, match="'layout' is not an option but an argument"):
         normzoo.info("batchnorm").resolve_options({"layout": "seq"})
-    from normzoo.harness.model import build_lenet
-
     with pytest.raises(normzoo.OptionError, match="'num_features' is not an option"):
-        build_lenet("batchnorm", {"num_features": "3"})
+        lenet("batchnorm", {"num_features": "3"})
 
 
 def test_the_cli_warning_about_a_skipped_plugin_names_its_file(fake_site, capsys):

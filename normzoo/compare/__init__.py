@@ -21,24 +21,20 @@ from typing import Any
 
 import torch
 
-from normzoo import bench_page
+from normzoo.bench import page as bench_page
 from normzoo.compare.cache import ResultStore, resolved_config, run_key
 from normzoo.compare.execute import PendingRun, run_all
 from normzoo.compare.page import Page, PageError, Variant, find_pages, parse_page
 from normzoo.compare.render import figure_paths, render_plots, render_section
 from normzoo.compare.summary import VariantSummary, summarize
 from normzoo.errors import NormzooError
-from normzoo.harness.model import build_lenet
 from normzoo.harness.runs import atomic_write_bytes
+from normzoo.workloads.slots import check_model_settings
 
 __all__ = ["CompareConfig", "PageError", "check", "compare", "parse_shard"]
 
 #: ``--smoke``: one seed and epoch per variant on this many training and test examples.
 SMOKE_EXAMPLES = 512
-_MODEL_SETTINGS = (
-    "norm", "norm_options", "activation", "placement", "bias_before_norm", "dropout",
-    "freeze_affine",
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -80,8 +76,8 @@ def _plan(page: Page, smoke_dir: Path | None = None) -> list[_PlannedRun]:
         seeds = variant.seeds or page.seeds
         seeds = seeds[:1] if smoke_dir else seeds
         try:  # a setting or option that no run could use fails here, before any training
-            build_lenet(**{k: v for k, v in variant.settings.items() if k in _MODEL_SETTINGS})
-        except NormzooError as error:
+            check_model_settings(variant.config(seeds[0]))
+        except (NormzooError, TypeError) as error:
             raise PageError(f"{page.where()}: variant {variant.label!r}: {error}") from None
         for seed in seeds:
             try:

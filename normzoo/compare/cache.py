@@ -5,52 +5,51 @@ is redone exactly when something that changes its numbers changes: a bumped norm
 reruns that norm's runs only. Settings and norm options that equal their defaults are left out
 of the key, so that a new option or harness setting whose default keeps the old behaviour does
 not invalidate every stored result; the other side of that rule is that changing a default is
-a change of the math, and bumps the norm's version (or :data:`HARNESS_VERSION`). Where and how
-a run happened (device, thread count, machine) is recorded in the file but is not part of the
-key.
+a change of the math, and bumps the norm's version (or the workload's, or
+:data:`HARNESS_VERSION`). Where and how a run happened (the
+:class:`~normzoo.harness.config.Resources`, the thread count, the machine) is recorded in the
+file but is not part of the key.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import normzoo
+from normzoo import registry
 from normzoo.errors import NormzooError
-from normzoo.harness.experiment import RunConfig
-from normzoo.harness.model import frozen_affine_options
+from normzoo.harness.config import COMPUTED_FIELDS, RunConfig
 from normzoo.harness.runs import atomic_write_json
 
-#: Bumped when the harness changes what a run computes (the model, the training loop, the data).
+#: Bumped when the harness changes what a run computes (the training loop, the protocol).
 HARNESS_VERSION = "1"
-_WHERE_NOT_WHAT = ("device", "data_dir", "download", "runs_dir", "nproc", "compile")
 
 
 def resolved_config(config: RunConfig) -> dict[str, Any]:
-    """What a run computes: every setting, the norm's options resolved, the versions.
+    """What a run computes: every computed setting, the norm's options resolved, the norm's and
+    the workload's versions.
 
-    Raises the registry's one-line errors for an unknown norm or option.
+    Raises the registry's one-line errors for an unknown workload, norm or option.
     """
-    info = normzoo.info(config.norm)
-    options = dict(config.norm_options)
-    if config.freeze_affine:
-        options.update(frozen_affine_options(info, options))
-    settings = {k: v for k, v in asdict(config).items() if k not in _WHERE_NOT_WHAT}
-    settings["norm_options"] = info.resolve_options(options)
-    settings["norm_version"] = info.version
+    settings = {name: getattr(config, name) for name in COMPUTED_FIELDS}
+    settings["norm_options"] = config.resolved_norm_options()
+    settings["norm_version"] = registry.info(config.norm).version
+    settings["workload_version"] = registry.workload(config.workload).version
     settings["harness_version"] = HARNESS_VERSION
     return settings
 
 
 def run_key(resolved: dict[str, Any]) -> str:
     """A stable 16-hex-digit name for a :func:`resolved_config`: a hash of what differs from
-    the defaults (harness settings and norm options) and of the versions."""
-    defaults = {k: v for k, v in asdict(RunConfig()).items() if k not in _WHERE_NOT_WHAT}
+    the defaults (settings, norm options, the default workload's version) and of the norm's
+    and harness's versions."""
+    default = RunConfig()
+    defaults: dict[str, Any] = {name: getattr(default, name) for name in COMPUTED_FIELDS}
+    defaults["workload_version"] = registry.workload(default.workload).version
     essential = {k: v for k, v in resolved.items() if k not in defaults or defaults[k] != v}
-    norm_defaults = normzoo.info(resolved["norm"]).resolve_options({})
+    norm_defaults = registry.info(resolved["norm"]).resolve_options({})
     essential["norm"] = resolved["norm"]
     essential["norm_options"] = {
         k: v for k, v in resolved["norm_options"].items() if norm_defaults.get(k, object()) != v

@@ -4,13 +4,10 @@ each finished run stored the moment it finishes."""
 from __future__ import annotations
 
 import multiprocessing
-import signal
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,10 +15,11 @@ from typing import Any
 import torch
 
 from normzoo.compare.cache import ResultStore, resolved_config
-from normzoo.harness.experiment import RunConfig, run_experiment
-from normzoo.harness.model import norm_modules
-from normzoo.harness.processes import use_threads
-from normzoo.harness.runs import machine_description
+from normzoo.harness.config import RunConfig
+from normzoo.harness.group import machine_description, use_threads
+from normzoo.harness.interrupts import stops_interrupt
+from normzoo.harness.launch import launch
+from normzoo.workloads.slots import norm_modules
 
 
 @dataclass(frozen=True)
@@ -59,7 +57,7 @@ def execute(run: PendingRun, threads: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="normzoo-compare-") as runs_dir:
-        outcome = run_experiment(replace(run.config, runs_dir=runs_dir), progress=False)
+        outcome = launch(replace(run.config, runs_dir=runs_dir), progress=False)
     result = {
         "key": run.key,
         "label": run.label,
@@ -101,7 +99,7 @@ def run_all(
     waiting: dict[Future, PendingRun] = {}
     queue = list(runs)
     try:
-        with _sigterm_as_interrupt():
+        with stops_interrupt():
             while queue or waiting:
                 while queue and len(waiting) < jobs:
                     run = queue.pop(0)
@@ -118,20 +116,3 @@ def run_all(
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
-
-
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM stops the workers too, as Ctrl-C does, instead of leaving them orphaned."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signal_number: int, frame: object) -> None:
-        raise KeyboardInterrupt("terminated by SIGTERM")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

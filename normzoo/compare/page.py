@@ -32,10 +32,12 @@ The experiment is a fenced block with the info string ``normzoo`` holding TOML::
     baseline = "batch 16"          # paired with this variant instead of the page's baseline
     ```
 
-Keys of ``base``, ``grid`` and a variant are :class:`~normzoo.harness.experiment.RunConfig`
-fields (``norm``, ``norm_options``, ``lr``, ``placement``, ``dropout``, ``bias_before_norm``,
-``freeze_affine``, ``batch_size``, ``activation``, ``epochs``, ``precise_stats``,
-``train_subset``, ``test_subset``). The results are written between the markers
+Keys of ``base``, ``grid`` and a variant are the fields of
+:class:`~normzoo.harness.config.RunConfig` that say what a run computes
+(:data:`~normzoo.harness.config.COMPUTED_FIELDS` but ``seed``: ``workload``, ``norm``,
+``norm_options``, ``activation``, ``placement``, ``bias_before_norm``, ``dropout``,
+``freeze_affine``, ``epochs``, ``lr``, ``batch_size``, ``train_subset``, ``test_subset``,
+``precise_stats``). The results are written between the markers
 :data:`BEGIN` and :data:`END`; nothing else on the page is ever touched.
 """
 
@@ -49,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from normzoo.errors import NormzooError, suggest
-from normzoo.harness.experiment import RunConfig
+from normzoo.harness.config import COMPUTED_FIELDS, RunConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -62,9 +64,8 @@ _FENCE = re.compile(r"^```normzoo[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
 _TOP_KEYS = ("seeds", "baseline", "results", "figures", "plots", "base", "grid", "variant")
 #: The plots a page can ask for; ``affine`` shows the learned gamma and beta per layer.
 PLOTS = ("curves", "finals", "affine")
-#: Settings that say where and how a run happens, not what it computes: not page keys.
-_NOT_SETTINGS = ("seed", "device", "data_dir", "download", "runs_dir", "nproc", "compile")
-SETTINGS = tuple(f.name for f in fields(RunConfig) if f.name not in _NOT_SETTINGS)
+#: What a page may set: what a run computes, but the seed (the page's ``seeds`` give it).
+SETTINGS = tuple(name for name in COMPUTED_FIELDS if name != "seed")
 
 
 class PageError(NormzooError):
@@ -292,7 +293,7 @@ def _variants(spec: dict[str, Any], where: str) -> list[Variant]:
                 raise PageError(f"{where}: norm_options must be a table")
             parts = [_describe(k, v) for k, v in {**own, **from_grid}.items()]
             if label is None:
-                label = ", ".join(parts) or settings.get("norm", "batchnorm")
+                label = ", ".join(parts) or settings.get("norm", RunConfig.norm)
             elif from_grid:
                 label = ", ".join([label, *(_describe(k, v) for k, v in from_grid.items())])
             variants.append(Variant(label, settings, seeds, own_baseline))

@@ -13,7 +13,6 @@ import io
 import json
 import math
 import os
-import platform
 import re
 import tempfile
 from datetime import datetime
@@ -173,6 +172,14 @@ class RunDirectory:
             raise ValueError(f"status must be one of {STATUSES}, got {metrics.get('status')!r}")
         atomic_write_json(self.path / METRICS, metrics)
 
+    def record(self, status: str, epochs: list[Any], message: str = "", title: str = "") -> None:
+        """Write ``metrics.json`` with ``status``, ``message`` and the metrics of the finished
+        ``epochs`` (objects with ``as_dict()``), and the curves when there is an epoch."""
+        rows = [epoch.as_dict() for epoch in epochs]
+        self.write_metrics({"status": status, "message": message, "epochs": rows})
+        if rows:
+            self.plot_curves(rows, title)
+
     def save_weights(self, model: nn.Module) -> None:
         """Write the model's ``state_dict`` to ``model.pt``."""
         buffer = io.BytesIO()
@@ -201,16 +208,3 @@ class RunDirectory:
         figure.savefig(buffer, format="png")
         plt.close(figure)
         atomic_write_bytes(self.path / CURVES, buffer.getvalue())
-
-
-def machine_description() -> str:
-    """The CPU model (or the GPU's name for a CUDA run) and the core count, for the pages."""
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores"

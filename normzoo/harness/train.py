@@ -18,16 +18,14 @@ from torch import nn
 from tqdm import tqdm
 
 from normzoo.base import cumulative_running_stats, reestimable_norms
-from normzoo.errors import NormzooError
-from normzoo.harness.data import FashionMNIST, Split
-from normzoo.harness.model import first_line, norm_modules
-from normzoo.harness.processes import current
+from normzoo.errors import NormzooError, first_line
+from normzoo.harness.group import current
+from normzoo.workloads.data import Dataset, Split
+from normzoo.workloads.slots import norm_modules
 
 EVAL_BATCH = 2048
 #: On an accelerator, the loss is read (a host sync) every this many batches and at the last.
 SYNC_EVERY = 32
-#: What ``--device`` accepts, in the words of its error messages.
-DEVICES = "auto, cpu, cuda or cuda:N"
 
 
 class TrainingDiverged(NormzooError):
@@ -64,35 +62,6 @@ class EpochMetrics:
             f"{self.train_acc:.3f}, test acc {self.test_acc:.3f}, "
             f"{self.examples_per_sec:,.0f} examples/s"
         )
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` means CUDA when present, else CPU; anything else must be a usable device.
-
-    Only CPU and CUDA are supported: torch also parses ``mps``, ``meta`` and others, but the
-    harness has not been made to work on them (``meta`` tensors hold no data at all), so they
-    are refused here rather than failing somewhere inside training.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise NormzooError(f"unknown device {name!r}; use {DEVICES}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise NormzooError(f"device {name!r} is not supported; normzoo runs on {DEVICES} only")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise NormzooError(
-                f"device {name!r} requested but CUDA is not available; use --device cpu"
-            )
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise NormzooError(
-                f"device {name!r} requested but there {'is' if count == 1 else 'are'} only "
-                f"{count} CUDA device{'' if count == 1 else 's'}; use cuda:0 to cuda:{count - 1}"
-            )
-    return device
 
 
 def batch_bounds(size: int, batch_size: int) -> list[tuple[int, int]]:
@@ -159,7 +128,7 @@ def probe_norms(model: nn.Module, split: Split, batch_size: int, label: str) -> 
     directory behind and show as a traceback; found here, before the run directory exists,
     it becomes one :class:`NormProbeError` naming the norm, the module and the shapes, with
     the original exception as ``__cause__``. Forward hooks on the norms (see
-    :func:`~normzoo.harness.model.norm_modules`) check that each returns a tensor of its
+    :func:`~normzoo.workloads.slots.norm_modules`) check that each returns a tensor of its
     input's shape; the batch runs forward and backward in train mode, then forward in eval
     mode. ``model`` itself, and the global random number generators, are left untouched.
     """
@@ -276,7 +245,7 @@ def accuracy(model: nn.Module, split: Split, batch_size: int = EVAL_BATCH) -> fl
 
 def train(
     model: nn.Module,
-    data: FashionMNIST,
+    data: Dataset,
     epochs: int,
     lr: float,
     batch_size: int,
@@ -355,7 +324,7 @@ def train(
 
 def _epoch(
     model: nn.Module,
-    data: FashionMNIST,
+    data: Dataset,
     optimizer: torch.optim.Optimizer,
     batches: list[tuple[int, int]],
     generator: torch.Generator,

@@ -1,4 +1,6 @@
-"""Fashion-MNIST as tensors: the bundled IDX files, or a directory of the user's, read once.
+"""A workload's data as tensors (:class:`Dataset`: a train and a test :class:`Split`), and
+Fashion-MNIST, the data of the bundled workloads: the bundled IDX files, or a directory of the
+user's, read once.
 
 The package ships the canonical 60,000 / 10,000 split (Zalando Research, MIT license; see
 ``fashion_mnist/LICENSE``). :func:`load_fashion_mnist` reads the four IDX files with numpy into
@@ -42,7 +44,8 @@ class DataError(NormzooError):
 
 @dataclass(frozen=True)
 class Split:
-    """Images as float32 ``(N, 1, 28, 28)`` in ``[0, 1]`` and labels as int64 ``(N,)``."""
+    """Inputs (``images``: float32, ``(N, ...)``; Fashion-MNIST's are ``(N, 1, 28, 28)`` in
+    ``[0, 1]``) and their class labels as int64 ``(N,)``."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -61,23 +64,23 @@ class Split:
 
 
 @dataclass(frozen=True)
-class FashionMNIST:
-    """The train and test splits."""
+class Dataset:
+    """The train and test splits of a workload's data."""
 
     train: Split
     test: Split
 
-    def to(self, device: torch.device) -> FashionMNIST:
-        return FashionMNIST(self.train.to(device), self.test.to(device))
+    def to(self, device: torch.device) -> Dataset:
+        return Dataset(self.train.to(device), self.test.to(device))
 
-    def subset(self, train_size: int | None, test_size: int | None) -> FashionMNIST:
+    def subset(self, train_size: int | None, test_size: int | None) -> Dataset:
         """The first ``train_size`` / ``test_size`` examples of each split (``None``: all)."""
-        return FashionMNIST(self.train.subset(train_size), self.test.subset(test_size))
+        return Dataset(self.train.subset(train_size), self.test.subset(test_size))
 
 
 def bundled_dir() -> Path:
     """Directory of the Fashion-MNIST files shipped inside the package."""
-    return Path(str(resources.files("normzoo.harness") / "fashion_mnist"))
+    return Path(str(resources.files("normzoo.workloads") / "fashion_mnist"))
 
 
 def read_idx(path: Path, ndim: int) -> np.ndarray:
@@ -186,7 +189,7 @@ def download(directory: Path) -> None:
 
 def load_fashion_mnist(
     data_dir: Path | str | None = None, download_missing: bool = False
-) -> FashionMNIST:
+) -> Dataset:
     """Load both splits, from ``data_dir`` or from the bundled copy when it is ``None``.
 
     ``~`` in ``data_dir`` is expanded (``--data-dir=~/data`` reaches us unexpanded). A
@@ -205,4 +208,4 @@ def load_fashion_mnist(
             f"--data-dir {directory} is a file, not a directory; pass the directory that "
             "holds the four IDX files, or omit --data-dir to use the bundled copy"
         )
-    return FashionMNIST(_read_split(directory, "train"), _read_split(directory, "test"))
+    return Dataset(_read_split(directory, "train"), _read_split(directory, "test"))

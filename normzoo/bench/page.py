@@ -2,9 +2,10 @@
 
 ``normzoo bench --page PAGE.md`` stores its measurement as ``PAGE.bench.json`` beside the page
 and rewrites the text between :data:`BEGIN` and :data:`END` (nothing else on the page). The
-section is a function of the stored JSON alone, so ``normzoo compare --check`` can prove the
-page in step with its measurement without timing anything: timings are not reproducible, the
-rendering of a stored one is.
+section is a function of the stored JSON (and of the measured workload's declared slots, whose
+shapes head the one-layer table), so ``normzoo compare --check`` can prove the page in step with
+its measurement without timing anything: timings are not reproducible, the rendering of a
+stored one is.
 """
 
 from __future__ import annotations
@@ -14,13 +15,18 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
-from normzoo.bench import BASELINE, LAYERS, NOISY_SPREAD
+from normzoo import registry
+from normzoo.bench.timing import BASELINE, DEFAULT_WORKLOAD, MODES, NOISY_SPREAD
 from normzoo.errors import NormzooError
 from normzoo.harness.runs import atomic_write_json
+from normzoo.interface import Slot
 
 BEGIN = "<!-- normzoo:bench:begin -->"
 END = "<!-- normzoo:bench:end -->"
 _MIB = 2**20
+#: How the section names a workload in its prose; any other is named as registered, in code.
+_TITLES = {"lenet": "LeNet"}
+_COUNTS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
 
 def stored_path(page: Path | str) -> Path:
@@ -34,14 +40,22 @@ def _ratio(result: dict[str, Any]) -> str:
     return f"{result['ratio']:.2f}{noisy}"
 
 
-def _lenet_table(results: dict[tuple[str, str], dict[str, Any]], norms: list[str]) -> list[str]:
+def _title(workload: str) -> str:
+    return _TITLES.get(workload, f"`{workload}`")
+
+
+def _model_table(
+    results: dict[tuple[str, str], dict[str, Any]], norms: list[str], workload: str
+) -> list[str]:
+    """The whole model's train step and eval forward, a row per norm."""
     lines = [
         "| norm | train step (ms) | ratio | eval forward (ms) | ratio | saved for backward "
         "(ratio) |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for norm in norms:
-        train, evaluation = results.get((norm, "lenet-train")), results.get((norm, "lenet-eval"))
+        train = results.get((norm, f"{workload}-train"))
+        evaluation = results.get((norm, f"{workload}-eval"))
         if train is None and evaluation is None:
             continue
         cells = []
@@ -57,8 +71,11 @@ def _lenet_table(results: dict[tuple[str, str], dict[str, Any]], norms: list[str
     return lines
 
 
-def _layer_table(results: dict[tuple[str, str], dict[str, Any]], norms: list[str]) -> list[str]:
-    cases = [f"{layer}-{mode}" for layer in LAYERS for mode in ("train", "eval")]
+def _layer_table(
+    results: dict[tuple[str, str], dict[str, Any]], norms: list[str], slots: tuple[Slot, ...]
+) -> list[str]:
+    """One norm layer alone at each slot, ratios only, a column per case in the slots' order."""
+    cases = [f"{slot.name}-{mode}" for slot in slots for mode in MODES]
     cases = [case for case in cases if any((norm, case) in results for norm in norms)]
     if not cases:
         return []
@@ -76,8 +93,13 @@ def _layer_table(results: dict[tuple[str, str], dict[str, Any]], norms: list[str
 
 
 def render(data: dict[str, Any]) -> str:
-    """The section's Markdown for a stored measurement (``bench.to_json``'s layout)."""
+    """The section's Markdown for a stored measurement (``timing.to_json``'s layout).
+
+    A measurement of a workload that is not registered here is :class:`NormzooError`.
+    """
     config = data["config"]
+    workload = config.get("workload", DEFAULT_WORKLOAD)
+    slots = registry.workload(workload).slots
     results = {(r["norm"], r["case"]): r for r in data["results"]}
     norms = list(dict.fromkeys(r["norm"] for r in data["results"]))
     rounds = max((r["rounds"] for r in data["results"]), default=0)
@@ -89,16 +111,22 @@ def render(data: dict[str, Any]) -> str:
         f"over the median) above {NOISY_SPREAD:.0%}.",
         "",
     ]
-    lenet = _lenet_table(results, norms)
-    if len(lenet) > 2:
-        lines += ["LeNet, the norm in all four slots:", "", *lenet, ""]
-    layers = _layer_table(results, norms)
+    model = _model_table(results, norms, workload)
+    if len(model) > 2:
+        count = _COUNTS[len(slots)] if len(slots) < len(_COUNTS) else str(len(slots))
+        lines += [f"{_title(workload)}, the norm in all {count} slots:", "", *model, ""]
+    layers = _layer_table(results, norms, slots)
     if layers:
         shapes = ", ".join(
-            f"{layer} (B, {channels}{''.join(f', {s}' for s in spatial)})"
-            for layer, (channels, _, spatial) in LAYERS.items()
+            f"{slot.name} (B, {slot.channels}{''.join(f', {s}' for s in slot.spatial)})"
+            for slot in slots
         )
-        lines += [f"One norm layer alone, ratios at LeNet's shapes {shapes}:", "", *layers, ""]
+        lines += [
+            f"One norm layer alone, ratios at {_title(workload)}'s shapes {shapes}:",
+            "",
+            *layers,
+            "",
+        ]
     pipeline = data.get("end_to_end")
     if pipeline:
         epochs = pipeline.get("epochs", 1)
@@ -169,19 +197,21 @@ def find_pages(paths: list[Path | str]) -> list[Path]:
 
 def check(paths: list[Path | str]) -> list[str]:
     """Problems with the bench sections of the pages at ``paths``, one line each: a missing
-    stored measurement, or a section that differs from its rendering (the first line)."""
+    stored measurement, one of a workload not registered here, or a section that differs from
+    its rendering (the first line)."""
     problems = []
     for page in find_pages(paths):
         text = page.read_text(encoding="utf-8")
         try:
             begin, end = _section(text, page)
             data = json.loads(stored_path(page).read_text(encoding="utf-8"))
+            wanted = render(data)
         except (NormzooError, OSError, ValueError) as error:
             problems.append(f"{page}: bench section: {error}")
             continue
         first_line = text[:begin].count("\n") + 1
         found = text[begin:end].strip("\n").split("\n")
-        for offset, (want, have) in enumerate(zip_longest(render(data).split("\n"), found)):
+        for offset, (want, have) in enumerate(zip_longest(wanted.split("\n"), found)):
             if want != have:
                 problems.append(
                     f"{page}:{first_line + offset + 1}: bench section differs from "

@@ -1,66 +1,82 @@
-"""``normzoo bench``: what a norm costs, as a ratio to torch's batch norm measured in the same run.
+"""What a norm costs, as a ratio to torch's batch norm measured in the same run.
 
 Separate runs on a shared machine mislead (two runs of the same code differ by more than the
 norms do), so every case times the candidate and the baseline (``torch-batchnorm`` in the same
 slots) in alternating rounds, each round a :class:`torch.utils.benchmark.Timer`
 ``blocked_autorange`` after a warm-up, and reports the median of the per-round ratios. The
-thread count is fixed and reported. Cases:
+thread count is fixed and reported.
 
-``lenet-train``
-    one LeNet training step (the chapter's model with sigmoid; forward, cross-entropy, backward,
-    SGD step with lr 0.01) on a batch of Fashion-MNIST, the norm in all four slots;
-``lenet-eval``
+The cases come from a registered workload (``lenet`` by default), so the shapes timed are the
+ones a run trains, not a restatement of them:
+
+``WORKLOAD-train``
+    one training step of the workload's model (forward, cross-entropy, backward, SGD step with
+    lr 0.01) on a batch of its training data, the norm in every slot;
+``WORKLOAD-eval``
     the eval-mode forward of the same model on the same batch;
-``conv1-train`` ... ``fc2-train``, ``conv1-eval`` ... ``fc2-eval``
-    one norm layer alone at each of LeNet's four norm shapes, forward and backward in train
-    mode, or the eval forward.
+``SLOT-train``, ``SLOT-eval`` for each norm slot, in the workload's order
+    one norm layer alone at the slot's channels, layout and input size, forward and backward
+    in train mode, or the eval forward.
 
-Train cases also count the bytes autograd saves for the backward of one call (through
-``torch.autograd.graph.saved_tensors_hooks``, on any device) and, on CUDA, the peak memory.
-:func:`end_to_end` times the harness's whole training loop against the textbook pipeline
-(``torchvision.datasets.FashionMNIST`` + ``ToTensor`` + ``DataLoader``, same model).
+For ``lenet``: ``lenet-train``, ``lenet-eval``, ``conv1-train``, ``conv1-eval``, ...,
+``fc2-eval``. Train cases also count the bytes autograd saves for the backward of one call
+(through ``torch.autograd.graph.saved_tensors_hooks``, on any device) and, on CUDA, the peak
+memory.
 """
 
 from __future__ import annotations
 
 import logging
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-import normzoo
+from normzoo import registry
 from normzoo.errors import NormzooError, suggest
-from normzoo.harness.data import load_fashion_mnist
-from normzoo.harness.model import build_lenet
-from normzoo.harness.runs import atomic_write_json, machine_description
-from normzoo.harness.train import resolve_device
+from normzoo.harness.group import machine_description, resolve_device
+from normzoo.harness.runs import atomic_write_json
+from normzoo.interface import Slot
+from normzoo.workloads.slots import ModelSettings, build_model
 
 # torch.utils.benchmark imports cpp_extension, which warns about CUDA_HOME on CPU machines
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 from torch.utils.benchmark import Timer  # noqa: E402
 
+if TYPE_CHECKING:
+    from normzoo.bench.pipelines import EndToEnd
+
 BASELINE = "torch-batchnorm"
-#: LeNet's four norm slots: channels, layout and the spatial size of their input.
-LAYERS: dict[str, tuple[int, str, tuple[int, ...]]] = {
-    "conv1": (6, "conv", (24, 24)),
-    "conv2": (16, "conv", (8, 8)),
-    "fc1": (120, "fc", ()),
-    "fc2": (84, "fc", ()),
-}
-CASES = (
-    "lenet-train",
-    "lenet-eval",
-    *(f"{layer}-{mode}" for layer in LAYERS for mode in ("train", "eval")),
-)
+#: The workload measured when none is named; a results file records its workload only when it
+#: is another one, so the files (and pages) measured before workloads existed stay as they are.
+DEFAULT_WORKLOAD = "lenet"
+#: Each case's second half: a training step (forward and backward) or an eval forward.
+MODES = ("train", "eval")
 #: A spread (interquartile range of the per-round ratios over their median) above this is
 #: flagged: the machine was too busy for the ratio to be trusted to two digits.
 NOISY_SPREAD = 0.10
+
+
+def workload_cases(workload: str = DEFAULT_WORKLOAD) -> tuple[str, ...]:
+    """Every case of ``workload``, in the order they are measured and shown: the whole model's
+    train and eval, then each slot's."""
+    return tuple(_case_table(workload))
+
+
+def _case_table(workload: str) -> dict[str, tuple[Slot | None, str]]:
+    """Each case of ``workload``: the slot it times alone (``None``: the whole model) and the
+    mode. An unknown workload is :class:`NormzooError` naming the registered ones."""
+    info = registry.workload(workload)
+    table: dict[str, tuple[Slot | None, str]] = {
+        f"{info.name}-{mode}": (None, mode) for mode in MODES
+    }
+    for slot in info.slots:
+        table.update({f"{slot.name}-{mode}": (slot, mode) for mode in MODES})
+    return table
 
 
 @dataclass(frozen=True)
@@ -88,18 +104,25 @@ class Measurement:
 class BenchConfig:
     """What to measure and how; ``quick`` runs a few short rounds (a smoke test, seconds)."""
 
+    #: A registered workload (``normzoo workloads``): its model and slots make the cases.
+    workload: str = DEFAULT_WORKLOAD
     norms: tuple[str, ...] = ()
-    cases: tuple[str, ...] = CASES
+    #: Cases of the workload to measure; empty: all of them (:meth:`selected_cases`).
+    cases: tuple[str, ...] = ()
     batch_size: int = 256
     threads: int = 2
     device: str = "cpu"
     rounds: int = 7
     min_run_time: float = 0.5
     quick: bool = False
-    #: For :func:`end_to_end`: the epochs each pipeline trains, and whether the harness also
-    #: runs compiled (``normzoo run --compile``), compile time included.
+    #: For :func:`~normzoo.bench.pipelines.end_to_end`: the epochs each pipeline trains, and
+    #: whether the harness also runs compiled (``normzoo run --compile``), compile time included.
     epochs: int = 1
     compile: bool = False
+
+    def selected_cases(self) -> tuple[str, ...]:
+        """The cases measured: those given, or every case of the workload."""
+        return self.cases or workload_cases(self.workload)
 
     def timing(self) -> tuple[int, float]:
         """The rounds and the minimum run time of each timing that are used: ``quick``
@@ -107,9 +130,10 @@ class BenchConfig:
         return (3, 0.05) if self.quick else (self.rounds, self.min_run_time)
 
     def validate(self) -> None:
+        valid = workload_cases(self.workload)
         for case in self.cases:
-            if case not in CASES:
-                raise NormzooError(suggest("case", case, CASES))
+            if case not in valid:
+                raise NormzooError(f"workload {self.workload!r}: {suggest('case', case, valid)}")
         if self.batch_size < 2:
             raise NormzooError(
                 f"batch size must be >= 2 for batch statistics, got {self.batch_size}"
@@ -119,16 +143,18 @@ class BenchConfig:
         if self.epochs < 1:
             raise NormzooError(f"epochs must be >= 1, got {self.epochs}")
         for norm in self.norms:
-            normzoo.info(norm)
+            registry.info(norm)
 
 
-def _case(case: str, norm: str, images: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
-    """A zero-argument callable that runs ``case`` once for ``norm``."""
+def _case(
+    case: str, norm: str, images: torch.Tensor, labels: torch.Tensor, workload: str
+) -> Callable[[], None]:
+    """A zero-argument callable that runs ``case`` of ``workload`` once for ``norm``."""
     torch.manual_seed(0)
-    layer, _, mode = case.partition("-")
-    if layer in LAYERS:
-        return _layer_case(layer, mode, norm, images.shape[0], images.device)
-    model = build_lenet(norm).to(images.device)
+    slot, mode = _case_table(workload)[case]
+    if slot is not None:
+        return _layer_case(slot, mode, norm, images.shape[0], images.device)
+    model = build_model(ModelSettings(workload=workload, norm=norm)).to(images.device)
     if mode == "eval":
         model.eval()
 
@@ -149,12 +175,13 @@ def _case(case: str, norm: str, images: torch.Tensor, labels: torch.Tensor) -> C
 
 
 def _layer_case(
-    layer: str, mode: str, norm: str, batch: int, device: torch.device
+    slot: Slot, mode: str, norm: str, batch: int, device: torch.device
 ) -> Callable[[], None]:
-    channels, layout, spatial = LAYERS[layer]
-    module = normzoo.build(norm, channels, layout).to(device)
+    """One norm layer alone on a random input of ``slot``'s shape (mean 1, deviation 2)."""
+    module = registry.build(norm, slot.channels, slot.layout).to(device)
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn((batch, channels, *spatial), generator=generator).mul_(2).add_(1).to(device)
+    shape = (batch, slot.channels, *slot.spatial)
+    x = torch.randn(shape, generator=generator).mul_(2).add_(1).to(device)
     if mode == "eval":
         with torch.no_grad():
             module(x)  # running statistics of this data
@@ -203,10 +230,11 @@ def measure(
     labels: torch.Tensor,
     config: BenchConfig,
 ) -> Measurement:
-    """Time ``case`` for ``norm`` against the baseline in alternating rounds."""
+    """Time ``case`` of ``config.workload`` for ``norm`` against the baseline in alternating
+    rounds."""
     device = images.device
-    candidate = _case(case, norm, images, labels)
-    baseline = _case(case, BASELINE, images, labels)
+    candidate = _case(case, norm, images, labels, config.workload)
+    baseline = _case(case, BASELINE, images, labels, config.workload)
     rounds, min_run_time = config.timing()
     for function in (candidate, baseline):  # warm-up: allocator, lazy init, caches
         for _ in range(3):
@@ -244,15 +272,16 @@ def run_bench(
     on_result: Callable[[Measurement], None] = lambda m: None,
     on_skip: Callable[[str, str, str], None] = lambda norm, case, reason: None,
 ) -> list[Measurement]:
-    """Measure every case for every norm of ``config`` (all registered norms by default).
+    """Measure every case of ``config`` for every norm of it (all registered norms by default)
+    on the first ``batch_size`` training examples of the workload's data.
 
     A case that a norm cannot run (e.g. ``lenet-*`` for a norm without LeNet's ``fc``
     layout) is left out, and ``on_skip(norm, case, reason)`` says why.
     """
     config.validate()
     device = resolve_device(config.device)
-    norms = config.norms or tuple(norm.name for norm in normzoo.available())
-    data = load_fashion_mnist().train
+    norms = config.norms or tuple(norm.name for norm in registry.available())
+    data = registry.workload(config.workload).data(None, False).train
     images = data.images[: config.batch_size].clone().to(device)
     labels = data.labels[: config.batch_size].clone().to(device)
     previous_threads = torch.get_num_threads()
@@ -260,7 +289,7 @@ def run_bench(
     results = []
     try:
         for norm in norms:
-            for case in config.cases:
+            for case in config.selected_cases():
                 try:
                     result = measure(case, norm, images, labels, config)
                 except NormzooError as error:
@@ -276,8 +305,8 @@ def run_bench(
 def format_table(results: Sequence[Measurement], config: BenchConfig) -> str:
     """A Markdown table of the results, with the settings they were measured under."""
     lines = [
-        f"batch {config.batch_size}, {config.threads} thread(s), device {config.device}, "
-        f"baseline {BASELINE} in the same rounds",
+        f"workload {config.workload}, batch {config.batch_size}, {config.threads} thread(s), "
+        f"device {config.device}, baseline {BASELINE} in the same rounds",
         "",
         "| norm | case | ms | baseline ms | ratio | spread | saved for backward (ratio) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -303,12 +332,24 @@ def to_json(
     command: str = "normzoo bench",
 ) -> dict[str, Any]:
     """The results, the settings, the machine and the command that measured them, as a
-    JSON-ready dict (what ``--json`` writes and ``--page`` stores)."""
-    rounds, min_run_time = config.timing()  # what was run: --quick replaces both
+    JSON-ready dict (what ``--json`` writes and ``--page`` stores).
+
+    The settings are what was run: the cases measured (not an empty "all"), the rounds and
+    run time that ``--quick`` replaced, and the workload only when it is not
+    :data:`DEFAULT_WORKLOAD` (a ``lenet`` file reads as it did before workloads existed).
+    """
+    rounds, min_run_time = config.timing()
+    settings = asdict(config) | {
+        "cases": list(config.selected_cases()),
+        "rounds": rounds,
+        "min_run_time": min_run_time,
+    }
+    if config.workload == DEFAULT_WORKLOAD:
+        del settings["workload"]
     return {
         "command": command,
         "machine": machine_description(),
-        "config": asdict(config) | {"rounds": rounds, "min_run_time": min_run_time},
+        "config": settings,
         "torch": torch.__version__,
         "results": [asdict(m) | {"noisy": m.noisy} for m in results],
         "end_to_end": None
@@ -324,120 +365,3 @@ def to_json(
 def write_json(path: Path | str, data: dict[str, Any]) -> None:
     """:func:`to_json`'s dict, written atomically."""
     atomic_write_json(Path(path).expanduser(), data)
-
-
-@dataclass(frozen=True)
-class EndToEnd:
-    """Training examples per second, evaluation included, of the harness and of the textbook
-    pipeline, each the median over alternating rounds, and their ratio; with ``--compile``,
-    also of the harness running its training steps compiled (compile time included)."""
-
-    norm: str
-    examples: int
-    harness_examples_per_sec: float
-    textbook_examples_per_sec: float
-    epochs: int = 1
-    compiled_examples_per_sec: float | None = None
-
-    @property
-    def ratio(self) -> float:
-        return self.harness_examples_per_sec / self.textbook_examples_per_sec
-
-    @property
-    def compiled_ratio(self) -> float | None:
-        if self.compiled_examples_per_sec is None:
-            return None
-        return self.compiled_examples_per_sec / self.textbook_examples_per_sec
-
-
-def end_to_end(
-    config: BenchConfig, norm: str = "batchnorm", examples: int | None = None, rounds: int = 2
-) -> EndToEnd:
-    """``config.epochs`` epochs of training, each followed by a test, through the harness (data
-    on the device, batches by indexing) and through the textbook pipeline
-    (``torchvision.datasets.FashionMNIST`` with ``ToTensor``, a ``DataLoader`` with
-    ``shuffle=True`` and no worker processes: the machine's cores go to torch's threads), same
-    LeNet and norm, same batch size, in alternating rounds; with ``config.compile``, the
-    harness compiled as well, a fresh model and compilation each round (dynamo's caches reset;
-    inductor's on-disk cache, which makes a second compilation of the same graphs faster on
-    any machine, stays). ``examples`` limits all to the first training and test examples
-    (``--quick``: 2,048)."""
-    import tempfile
-
-    from normzoo.harness.train import train
-
-    examples = examples or (2048 if config.quick else None)
-    device = resolve_device(config.device)
-    data = load_fashion_mnist().subset(examples, examples)
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    harness, compiled, textbook = [], [], []
-    epochs = config.epochs
-    try:
-        with tempfile.TemporaryDirectory() as root:
-            dataset = _torchvision_copy(Path(root), examples)
-            for _ in range(rounds):
-                for compile, speeds in ((False, harness), (True, compiled)):
-                    if compile and not config.compile:
-                        continue
-                    if compile:  # dynamo would reuse the last round's graphs for the new model
-                        torch._dynamo.reset()
-                    model = build_lenet(norm).to(device)
-                    started = time.perf_counter()
-                    train(model, data.to(device), epochs, 0.1, config.batch_size, 0, norm,
-                          progress=False, compile=compile)  # fmt: skip
-                    speeds.append(epochs * len(data.train) / (time.perf_counter() - started))
-                model = build_lenet(norm).to(device)
-                started = time.perf_counter()
-                for _ in range(epochs):
-                    _textbook_epoch(model, dataset, config.batch_size, device)
-                textbook.append(epochs * len(dataset[0]) / (time.perf_counter() - started))
-    finally:
-        torch.set_num_threads(previous_threads)
-    return EndToEnd(
-        norm, len(data.train), statistics.median(harness), statistics.median(textbook), epochs,
-        statistics.median(compiled) if compiled else None,
-    )  # fmt: skip
-
-
-def _torchvision_copy(root: Path, examples: int | None) -> tuple:
-    """torchvision's FashionMNIST (train, test) read from an uncompressed copy of the bundled
-    IDX files, as ``download=True`` would have left them."""
-    import gzip
-
-    from torch.utils.data import Subset
-    from torchvision import datasets, transforms
-
-    from normzoo.harness.data import FILES, bundled_dir
-
-    raw = root / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True)
-    for stems in FILES.values():
-        for stem in stems:
-            (raw / stem).write_bytes(gzip.decompress((bundled_dir() / f"{stem}.gz").read_bytes()))
-    splits = [
-        datasets.FashionMNIST(str(root), train=split, transform=transforms.ToTensor())
-        for split in (True, False)
-    ]
-    if examples is not None:
-        splits = [Subset(split, range(min(examples, len(split)))) for split in splits]
-    return tuple(splits)
-
-
-def _textbook_epoch(model: nn.Module, dataset: tuple, batch_size: int, device) -> None:
-    """The chapter's loop: a DataLoader per split, minibatch SGD, then test accuracy."""
-    from torch.utils.data import DataLoader
-
-    train_set, test_set = dataset
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    loss_fn = nn.CrossEntropyLoss()
-    model.train()
-    for images, labels in DataLoader(train_set, batch_size, shuffle=True, drop_last=True):
-        images, labels = images.to(device), labels.to(device)
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(images), labels).backward()
-        optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        for images, labels in DataLoader(test_set, batch_size):
-            model(images.to(device)).argmax(dim=1).eq(labels.to(device)).sum()

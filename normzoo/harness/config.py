@@ -1,0 +1,167 @@
+"""Everything that defines a run, in three groups that the rest of normzoo derives from.
+
+:class:`RunConfig` is :class:`~normzoo.workloads.slots.ModelSettings` (the workload and the
+norm in its slots), :class:`TrainingSettings` (the protocol) and :class:`Resources` (where and
+how the run happens). The first two are *what the run computes*: the comparison cache keys a
+result by them and pages may set them; the third changes no number (up to float rounding
+across devices and process counts) and stays out of both. Each field's help, range and
+choices sit in its metadata, from which the command line builds its options and
+:meth:`RunConfig.validate` its checks, so a default or a bound is written once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from normzoo.errors import NormzooError
+from normzoo.workloads.slots import ModelSettings
+
+#: ``--seed`` must fit torch's generators (a signed 64-bit integer; ``seed + 1`` seeds a second).
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """The protocol: the chapter's (lr 1.0, 10 epochs, batch 256), plus ``precise_stats``.
+
+    Before each test, ``precise_stats`` training batches re-estimate the norms' running
+    statistics with the epoch's final weights (see
+    :func:`~normzoo.harness.train.reestimate_running_stats`). At lr 1.0 the running averages
+    trail the weights so far that eval accuracy swings by several points from epoch to epoch
+    (batch norm: 0.895 then 0.835), which would drown the differences between norms; 0
+    restores the book's protocol exactly.
+    """
+
+    epochs: int = field(default=10, metadata={"help": "passes over the data", "minimum": 1})
+    lr: float = field(default=1.0, metadata={"help": "SGD learning rate", "positive": True})
+    batch_size: int = field(
+        default=256,
+        metadata={
+            "help": "examples per SGD step (the last incomplete batch of an epoch is dropped)",
+            "minimum": 1,
+        },
+    )
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": "0 to 2**63 - 1; same seed, same numbers on a CPU",
+            "minimum": 0,
+            "maximum": MAX_SEED,
+        },
+    )
+    train_subset: int | None = field(
+        default=None,
+        metadata={"help": "use the first N training examples", "minimum": 2, "type": int},
+    )
+    test_subset: int | None = field(
+        default=None,
+        metadata={"help": "use the first N test examples", "minimum": 2, "type": int},
+    )
+    precise_stats: int = field(
+        default=50,
+        metadata={
+            "help": "before each test, re-estimate the norms' running statistics over N "
+            "training batches with frozen weights; 0 keeps the running averages from training "
+            "(the book's protocol, whose eval accuracy swings by several points between "
+            "epochs at lr 1.0)",
+            "minimum": 0,
+            "metavar": "N",
+        },
+    )
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Where and how a run happens; none of it is part of what the run computes."""
+
+    device: str = field(
+        default="auto", metadata={"help": "auto (CUDA when present), cpu, cuda, cuda:N"}
+    )
+    data_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "directory with the workload's data files (Fashion-MNIST: the four IDX "
+            "files, gzipped or not, or torchvision's FashionMNIST/raw layout); default: the "
+            "copy bundled with normzoo",
+            "type": str,
+        },
+    )
+    download: bool = field(default=False, metadata={"help": "fetch the data into --data-dir first"})
+    runs_dir: str = field(
+        default="runs", metadata={"help": "parent directory of the run directories"}
+    )
+    nproc: int = field(
+        default=1,
+        metadata={
+            "help": "train on N local processes (DDP; gloo on CPU, NCCL on CUDA), each on its "
+            "share of every batch; the norms with a sync option (batchnorm, zca, iternorm, pit) "
+            "compute their statistics over the whole batch, others (e.g. torch-batchnorm) per "
+            "process; the cores are split between them. Under torchrun, leave it at 1: the "
+            "processes come from torchrun",
+            "minimum": 1,
+            "metavar": "N",
+        },
+    )
+    compile: bool = field(
+        default=False,
+        metadata={
+            "help": "run the training steps through torch.compile: the first step compiles "
+            "(seconds to a minute, per norm; on a CPU it needs a C++ compiler), later ones are "
+            "faster (see docs/performance.md)"
+        },
+    )
+
+
+#: Field names of each group, in declaration order.
+MODEL_FIELDS = tuple(f.name for f in fields(ModelSettings))
+TRAINING_FIELDS = tuple(f.name for f in fields(TrainingSettings))
+RESOURCE_FIELDS = tuple(f.name for f in fields(Resources))
+#: What a run computes: the fields a comparison's cache key covers.
+COMPUTED_FIELDS = MODEL_FIELDS + TRAINING_FIELDS
+
+
+@dataclass(frozen=True)
+class RunConfig(Resources, TrainingSettings, ModelSettings):
+    """Everything that defines a run; the defaults are the chapter's settings.
+
+    A flat dataclass (``RunConfig(norm="zca", lr=0.1)``) whose fields come from its three
+    groups; :data:`COMPUTED_FIELDS` and :data:`RESOURCE_FIELDS` name them.
+    """
+
+    def validate(self) -> None:
+        """Reject values no run could use, naming the bad one; the bounds are the fields'.
+
+        Non-finite floats are rejected explicitly: ``nan`` fails every comparison, so a range
+        check alone lets ``lr=nan`` through, and a NaN learning rate silently produces a NaN
+        model (``inf`` one that diverges at the first step).
+        """
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if value is None:
+                continue
+            if isinstance(spec.default, float) and (
+                not isinstance(value, (int, float)) or not math.isfinite(value)
+            ):
+                raise NormzooError(f"{spec.name} must be a finite number, got {value!r}")
+            check_bounds(spec.name, value, spec.metadata)
+        if not 0.0 <= self.dropout < 1.0:
+            raise NormzooError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.compile and self.nproc > 1:
+            raise NormzooError(
+                f"--compile runs in one process only, got --nproc {self.nproc}; drop one of them"
+            )
+
+
+def check_bounds(name: str, value: Any, metadata: Any) -> None:
+    """Raise :class:`NormzooError` when ``value`` breaks the bounds in a field's metadata
+    (``minimum``, ``maximum``, ``positive``)."""
+    low, high = metadata.get("minimum"), metadata.get("maximum")
+    if metadata.get("positive") and not value > 0:
+        raise NormzooError(f"{name} must be > 0, got {value}")
+    if low is not None and high is not None and not low <= value <= high:
+        top = "2**63 - 1" if high == MAX_SEED else high
+        raise NormzooError(f"{name} must be in [{low}, {top}], got {value}")
+    if low is not None and value < low:
+        raise NormzooError(f"{name} must be >= {low}, got {value}")

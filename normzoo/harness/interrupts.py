@@ -1,0 +1,83 @@
+"""Ctrl-C and SIGTERM: one exception for both, and one helper for every signal handler.
+
+``kill``, a batch scheduler or a container stop send SIGTERM, whose default action kills the
+process on the spot: a run's ``metrics.json`` would say ``running`` forever, and a launcher's
+processes would train on as orphans. Everything in normzoo that has to answer a stop
+(a run, the multi-process launcher, ``normzoo compare``'s pool) installs its handler through
+:func:`signals_handled`, which restores the previous handlers afterwards and does nothing
+outside the main thread (Python allows signal handlers only there).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+#: The signals that stop a run.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM stopped a run.
+
+    A :class:`KeyboardInterrupt`, so code that stops on Ctrl-C stops on it too. ``directory``
+    is the run directory, whose ``metrics.json`` says ``interrupted`` (``None`` when the run
+    was stopped before its directory existed); ``signal_number`` is the signal.
+    """
+
+    def __init__(self, message: str, signal_number: int, directory: Path | None = None) -> None:
+        super().__init__(message)
+        self.signal_number = signal_number
+        self.directory = directory
+
+
+def interruption_message(signal_number: int, finished_epochs: int) -> str:
+    """What ``metrics.json`` and the terminal say of a run that signal ``signal_number`` ended."""
+    verb = "interrupted" if signal_number == signal.SIGINT else "terminated"
+    return f"{verb} by {signal.Signals(signal_number).name} after {finished_epochs} finished epochs"
+
+
+@contextmanager
+def signals_handled(
+    handler: Callable[[int, object], object], numbers: tuple[int, ...] = STOP_SIGNALS
+) -> Iterator[bool]:
+    """Answer the signals ``numbers`` with ``handler(number, frame)`` for the block; yields
+    whether the handler is installed (not outside the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield False
+        return
+    previous = {number: signal.signal(number, handler) for number in numbers}
+    try:
+        yield True
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
+
+
+def _raise_interrupt(signal_number: int, frame: object) -> None:
+    raise RunInterrupted(f"stopped by {signal.Signals(signal_number).name}", signal_number)
+
+
+@contextmanager
+def stops_interrupt() -> Iterator[None]:
+    """SIGTERM raises :class:`RunInterrupted` in the block, as SIGINT raises
+    :class:`KeyboardInterrupt`: both unwind through the code that records the run."""
+    with signals_handled(_raise_interrupt, (signal.SIGTERM,)):
+        yield
+
+
+@contextmanager
+def stops_deferred() -> Iterator[list[int]]:
+    """Hold SIGINT and SIGTERM off for the block; yields the list of those that arrived.
+
+    While the final files or a final status are being written, an interrupt would leave them
+    inconsistent with each other or with what the command line prints (``metrics.json`` says
+    ``finished`` while the terminal says ``interrupted``). The block is short; a signal that
+    arrives during it is recorded, and the caller decides what it means.
+    """
+    received: list[int] = []
+    with signals_handled(lambda number, frame: received.append(number)):
+        yield received
