@@ -201,6 +201,17 @@ SYNC = Option(
 )
 
 
+def _check_name_and_summary(kind: str, name: Any, summary: Any) -> None:
+    """A declared name is lowercase words joined by dashes; its summary is one line."""
+    if not isinstance(name, str) or not _NAME_PATTERN.match(name):
+        raise DeclarationError(
+            f"invalid {kind} name {name!r}: use lowercase letters and digits joined by dashes, "
+            f"e.g. 'my-{kind}'"
+        )
+    if not isinstance(summary, str) or not summary or "\n" in summary:
+        raise DeclarationError(f"{kind} {name!r} needs a one-line summary")
+
+
 @dataclass(frozen=True)
 class NormInfo:
     """A norm as a plugin declares it.
@@ -255,13 +266,7 @@ class NormInfo:
     def validate(self) -> None:
         """Check the declaration itself; raise :class:`DeclarationError` naming what is wrong."""
         where = f"norm {self.name!r}"
-        if not isinstance(self.name, str) or not _NAME_PATTERN.match(self.name):
-            raise DeclarationError(
-                f"invalid norm name {self.name!r}: use lowercase letters and digits joined by "
-                "dashes, e.g. 'my-norm'"
-            )
-        if not isinstance(self.summary, str) or not self.summary or "\n" in self.summary:
-            raise DeclarationError(f"{where} needs a one-line summary")
+        _check_name_and_summary("norm", self.name, self.summary)
         if (
             not isinstance(self.layouts, tuple)
             or not self.layouts
@@ -521,13 +526,7 @@ class WorkloadInfo:
     def validate(self) -> None:
         """Check the declaration itself; raise :class:`DeclarationError` naming what is wrong."""
         where = f"workload {self.name!r}"
-        if not isinstance(self.name, str) or not _NAME_PATTERN.match(self.name):
-            raise DeclarationError(
-                f"invalid workload name {self.name!r}: use lowercase letters and digits joined "
-                "by dashes, e.g. 'my-model'"
-            )
-        if not isinstance(self.summary, str) or not self.summary or "\n" in self.summary:
-            raise DeclarationError(f"{where} needs a one-line summary")
+        _check_name_and_summary("workload", self.name, self.summary)
         if not isinstance(self.slots, tuple) or not self.slots:
             raise DeclarationError(f"{where} needs a non-empty tuple of Slots")
         names: set[str] = set()

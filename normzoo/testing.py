@@ -1,4 +1,5 @@
-"""The conformance suite every norm must pass, usable from a third party's own tests.
+"""The conformance suite every norm must pass, and the check every workload must pass, usable
+from a third party's own tests.
 
 Each check takes a :class:`Subject` (a norm, the registry it is in, the options and channel
 count to build it with) and raises ``AssertionError`` naming the norm, the layout and what went
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import io
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,8 @@ from torch.func import functional_call
 from normzoo.errors import LayoutError
 from normzoo.interface import NormInfo
 from normzoo.layouts import LAYOUT_NAMES, Layout, get_layout
-from normzoo.registry import Registry, default_registry
+from normzoo.registry import Registry, available, default_registry, workload
+from normzoo.workloads.slots import ModelSettings, build_model, norm_modules
 
 #: Channels of the test inputs unless the caller gives ``num_features``.
 NUM_FEATURES = 4
@@ -549,3 +551,48 @@ def check_norm(
     """Run every conformance check on ``norm_name``; the first failure raises."""
     for check in CONFORMANCE_CHECKS:
         run_check(check, norm_name, registry, options=options, num_features=num_features)
+
+
+def fitting_norms(workload_name: str) -> list[str]:
+    """The registered norms that declare every slot layout of workload ``workload_name``."""
+    layouts = set(workload(workload_name).layouts)
+    return [norm.name for norm in available() if layouts <= set(norm.layouts)]
+
+
+def check_workload(
+    workload_name: str, norms: Sequence[str] | None = None, batch_size: int = 16
+) -> None:
+    """Check workload ``workload_name`` with every norm that fits it (or ``norms``): the model
+    builds with the norm in every slot, a training step on ``batch_size`` examples of the
+    workload's own data gives finite logits of one row per example and a finite loss and
+    changes the parameters, and an eval forward gives finite logits too.
+
+    Raises ``AssertionError`` naming the workload and the norm. A third party's workload test
+    is one line: ``check_workload("my-model")``.
+    """
+    declared = workload(workload_name)
+    data = declared.data(None, False)
+    images, labels = data.train.images[:batch_size], data.train.labels[:batch_size]
+    assert len(labels) == batch_size, (
+        f"workload {workload_name!r}: fewer than {batch_size} examples"
+    )
+    for norm in fitting_norms(workload_name) if norms is None else norms:
+        where = f"workload {workload_name!r} with norm {norm!r}"
+        torch.manual_seed(0)
+        model = build_model(ModelSettings(workload=workload_name, norm=norm))
+        placed = norm_modules(model)
+        assert len(placed) == len(declared.slots), f"{where}: {len(placed)} norms in the model"
+        before = [parameter.detach().clone() for parameter in model.parameters()]
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        model.train()
+        logits = model(images)
+        assert logits.shape[0] == batch_size and logits.ndim == 2, f"{where}: {logits.shape}"
+        loss = nn.functional.cross_entropy(logits, labels)
+        assert torch.isfinite(loss), f"{where}: training loss {loss.item()}"
+        loss.backward()
+        optimizer.step()
+        after = list(model.parameters())
+        assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True)), where
+        model.eval()
+        with torch.no_grad():
+            assert torch.isfinite(model(images)).all(), f"{where}: non-finite eval logits"

@@ -231,7 +231,7 @@ def check(paths: Sequence[Path | str]) -> list[str]:
     cannot be parsed, names an unknown norm or option, misses a run, lacks a plot, or whose
     generated section differs from what its stored results give (the first differing line);
     also a ``normzoo bench`` section that differs from its stored measurement
-    (:func:`normzoo.bench_page.check`).
+    (:func:`normzoo.bench.page.check`).
     """
     problems = bench_page.check(list(paths))
     pages = find_pages(list(paths))

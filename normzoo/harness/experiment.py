@@ -70,19 +70,21 @@ def config_record(config: RunConfig, device: torch.device, data: Dataset, proces
     }
 
 
-def prepare(
-    config: RunConfig, device: torch.device, processes: int = 1, trial: bool = True
-) -> Prepared:
-    """The model and the data on ``device``, after every check that can be made before a run
-    directory exists: the runs directory, the model settings, the data, the batch size and,
-    with ``trial``, a trial batch through a copy of the model
-    (:func:`~normzoo.harness.train.probe_norms`), so bad input costs no directory."""
-    check_runs_root(config.runs_dir)
+def load(config: RunConfig, device: torch.device) -> tuple[nn.Module, Dataset]:
+    """The run's model (initialised from ``config.seed``) and its data, both on ``device``."""
     torch.manual_seed(config.seed)
     model = build_model(config).to(device)
-    workload = normzoo.workload(config.workload)
-    data = workload.data(config.data_dir, config.download)
-    data = data.subset(config.train_subset, config.test_subset).to(device)
+    data = normzoo.workload(config.workload).data(config.data_dir, config.download)
+    return model, data.subset(config.train_subset, config.test_subset).to(device)
+
+
+def prepare(config: RunConfig, device: torch.device, processes: int = 1) -> Prepared:
+    """The model and the data on ``device``, after every check that can be made before a run
+    directory exists: the runs directory, the model settings, the data, the batch size, and a
+    trial batch through a copy of the model (:func:`~normzoo.harness.train.probe_norms`), so
+    bad input costs no directory and starts no process."""
+    check_runs_root(config.runs_dir)
+    model, data = load(config, device)
     if len(data.test) == 0:  # the loader refuses empty files; this guards other sources
         raise NormzooError("the test set has 0 examples; accuracy would be meaningless")
     batch_bounds(len(data.train), config.batch_size)
@@ -91,8 +93,7 @@ def prepare(
             f"--batch-size {config.batch_size} cannot be shared by --nproc {processes} "
             "processes; use a batch at least as large as the number of processes"
         )
-    if trial:
-        probe_norms(model, data.train, config.batch_size, config.norm)
+    probe_norms(model, data.train, config.batch_size, config.norm)
     record = config_record(config, device, data, processes)
     json_bytes(record)  # a non-finite option fails here, before the directory exists
     return Prepared(model, data, record)
@@ -108,12 +109,13 @@ _NO_BUFFER_BROADCAST = (
 
 def run_experiment(
     config: RunConfig,
-    prepared: Prepared,
+    model: nn.Module,
+    data: Dataset,
     directory: RunDirectory | None,
     progress: bool = True,
     on_epoch: Callable[[EpochMetrics], None] = lambda metrics: None,
 ) -> RunResult:
-    """Train ``prepared``'s model with ``config`` in this process (one of the process group,
+    """Train ``model`` on ``data`` with ``config`` in this process (one of the process group,
     if one is initialised), recording every epoch in ``directory`` (rank 0's; ``None`` in the
     other processes).
 
@@ -130,7 +132,6 @@ def run_experiment(
     so a run is either finished completely or recorded as interrupted.
     """
     processes = current()
-    model = prepared.model
     trained: nn.Module = model
     if processes.world > 1:
         device = next(model.parameters()).device
@@ -160,7 +161,7 @@ def run_experiment(
 
     try:
         train(
-            trained, prepared.data, config.epochs, config.lr, config.batch_size, config.seed,
+            trained, data, config.epochs, config.lr, config.batch_size, config.seed,
             label=config.norm, on_epoch=epoch_done, progress=progress and processes.main,
             precise_stats=config.precise_stats, compile=config.compile,
         )  # fmt: skip

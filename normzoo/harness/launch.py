@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from normzoo.errors import NormzooError
 from normzoo.harness.config import RunConfig
-from normzoo.harness.experiment import RunResult, prepare, run_experiment
+from normzoo.harness.experiment import RunResult, load, prepare, run_experiment
 from normzoo.harness.group import (
     backend,
     current,
@@ -109,7 +109,7 @@ def _in_this_process(
         device = local_device(device)
         prepared = prepare(config, device, processes.world)
         directory = _new_directory(config, prepared.record) if processes.main else None
-        return run_experiment(config, prepared, directory, progress, on_epoch)
+        return run_experiment(config, prepared.model, prepared.data, directory, progress, on_epoch)
     finally:
         if joined:
             dist.destroy_process_group()
@@ -223,10 +223,10 @@ def _worker(
     main = rank == 0
     try:
         with stops_interrupt():
-            prepared = prepare(config, device, config.nproc, trial=False)
+            model, data = load(config, device)
             result = run_experiment(
-                config, prepared, RunDirectory(directory) if main else None, progress and main,
-                on_epoch=messages.put if main else lambda metrics: None,
+                config, model, data, RunDirectory(directory) if main else None,
+                progress and main, on_epoch=messages.put if main else lambda metrics: None,
             )  # fmt: skip
         if main:
             weights = io.BytesIO()

@@ -33,7 +33,7 @@ SLOTS = (
 
 def build(slots: NormSlots) -> nn.Sequential:
     """LeNet with the norms of ``slots``; the widths are the slots' channel counts."""
-    conv1, conv2, fc1, fc2 = (slots.slot(slot.name).channels for slot in SLOTS)
+    conv1, conv2, fc1, fc2 = (slot.channels for slot in SLOTS)
     flat = conv2 * 4 * 4  # conv2's 4x4 maps after the second pooling
     model = nn.Sequential(
         *slots.block("conv1", nn.Conv2d(1, conv1, kernel_size=5)),

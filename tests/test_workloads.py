@@ -1,0 +1,240 @@
+"""Workloads: registered like norms, isolated like norms, trained by `run` and `compare`, and
+the run configuration's groups that the cache key, the pages and the command line derive from."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+from torch import nn
+
+import normzoo
+from normzoo.cli import build_parser, main
+from normzoo.compare import CompareConfig, compare
+from normzoo.compare.cache import resolved_config, run_key
+from normzoo.compare.page import SETTINGS
+from normzoo.harness.config import COMPUTED_FIELDS, RESOURCE_FIELDS, RunConfig
+from normzoo.testing import check_workload, fitting_norms
+from normzoo.workloads.data import load_fashion_mnist
+from normzoo.workloads.slots import ModelSettings, build_model, norm_modules
+
+from .conftest import install_fake_distribution
+
+SMALL = ["--epochs", "1", "--train-subset", "512", "--test-subset", "128", "--precise-stats",
+         "2", "--no-progress"]  # fmt: skip
+
+
+def tiny_model(slots) -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(), *slots.block("hidden", nn.Linear(28 * 28, 8)), nn.Linear(8, 10)
+    )
+
+
+TINY = normzoo.WorkloadInfo(
+    name="tiny",
+    summary="one hidden fc layer of 8 units on Fashion-MNIST",
+    slots=(normzoo.Slot("hidden", 8, "fc"),),
+    factory=tiny_model,
+    data=load_fashion_mnist,
+    reference="tests",
+)
+
+
+def test_the_bundled_workloads_come_through_the_entry_point_group():
+    assert [w.name for w in normzoo.available_workloads()][:2] == ["lenet", "mlp"]
+    records = {record.name: record for record in normzoo.plugins()}
+    assert records["lenet"].workloads == ["lenet"] and records["lenet"].builtin
+    assert records["mlp"].workloads == ["mlp"] and records["mlp"].norms == []
+
+
+@pytest.mark.parametrize("workload", ["lenet", "mlp"])
+def test_every_norm_that_fits_a_bundled_workload_builds_trains_a_step_and_evaluates(workload):
+    norms = fitting_norms(workload)
+    assert {"batchnorm", "zca", "iternorm", "pit", "layernorm"} <= set(norms)
+    assert ("instancenorm" in norms) is False  # no fc layout: fits neither workload
+    check_workload(workload)
+
+
+def test_lenet_is_the_books_model_with_its_state_dict_keys():
+    model = build_model(ModelSettings())
+    assert [name for name, _ in norm_modules(model)] == ["1", "5", "10", "13"]
+    widths = [m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+              for m in model if isinstance(m, (nn.Conv2d, nn.Linear))]  # fmt: skip
+    assert widths == [6, 16, 120, 84, 10]
+    assert [slot.channels for slot in normzoo.workload("lenet").slots] == [6, 16, 120, 84]
+    assert "0.weight" in model.state_dict() and "15.bias" in model.state_dict()
+
+
+def test_the_mlp_has_four_hidden_layers_of_256_each_followed_by_a_norm():
+    model = build_model(ModelSettings(workload="mlp", norm="zca"))
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [
+        (784, 256), (256, 256), (256, 256), (256, 256), (256, 10)
+    ]  # fmt: skip
+    norms = [module for _, module in norm_modules(model)]
+    assert len(norms) == 4 and all(n.layout == "fc" and n.num_features == 256 for n in norms)
+
+
+def test_run_trains_the_mlp_and_records_its_workload(tmp_path, capsys):
+    argv = ["run", "--workload", "mlp", "--norm", "zca", *SMALL, "--train-subset", "4096",
+            "--lr", "0.1", "--runs-dir", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    (directory,) = tmp_path.iterdir()
+    record = json.loads((directory / "config.json").read_text())
+    assert record["config"]["workload"] == "mlp" and record["workload_version"] == "1"
+    metrics = json.loads((directory / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and metrics["epochs"][0]["test_acc"] > 0.5
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--workload", "mpl"], "unknown workload 'mpl'; valid workloads: mlp, lenet"),
+        (["--workload", "mlp", "--placement", "conv"], "(workload 'mlp' has fc slots)"),
+        (["--workload", "mlp", "--norm", "instancenorm"], "does not support layout 'fc'"),
+    ],
+)
+def test_a_bad_workload_setting_is_one_line(argv, message, tmp_path, capsys):
+    assert main(["run", *argv, *SMALL, "--runs-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_a_third_party_workload_trains_through_run_and_compare(tmp_path, capsys):
+    page = tmp_path / "tiny.md"
+    page.write_text(
+        '# tiny\n\n```normzoo\nseeds = 1\nbaseline = "batchnorm"\nresults = "results"\n\n'
+        '[base]\nworkload = "tiny"\nepochs = 1\ntrain_subset = 512\ntest_subset = 128\n'
+        'precise_stats = 2\n\n[[variant]]\nlabel = "batchnorm"\nnorm = "batchnorm"\n\n'
+        '[[variant]]\nlabel = "layernorm"\nnorm = "layernorm"\n```\n\n'
+        "<!-- normzoo:results:begin -->\n<!-- normzoo:results:end -->\n"
+    )
+    with normzoo.register(TINY, name="tiny-workloads"):
+        check_workload("tiny", norms=["batchnorm", "layernorm"])
+        runs = tmp_path / "runs"
+        assert main(["run", "--workload", "tiny", *SMALL, "--runs-dir", str(runs)]) == 0
+        (directory,) = runs.iterdir()
+        assert json.loads((directory / "config.json").read_text())["config"]["workload"] == "tiny"
+        assert compare([page], CompareConfig(progress=False), say=lambda line: None) == 0
+        stored = [json.loads(p.read_text()) for p in (tmp_path / "results").glob("*.json")]
+        assert sorted(r["config"]["norm"] for r in stored) == ["batchnorm", "layernorm"]
+        assert all(r["config"]["workload"] == "tiny" for r in stored)
+        assert "| layernorm |" in page.read_text()
+    with pytest.raises(normzoo.UnknownWorkloadError):
+        normzoo.workload("tiny")
+
+
+BROKEN_WORKLOAD = """
+    import normzoo
+    from torch import nn
+
+    @normzoo.hookimpl
+    def normzoo_register_workloads(register):
+        register(normzoo.WorkloadInfo(
+            name="twice", summary="declares one slot twice", factory=lambda slots: nn.Identity(),
+            slots=(normzoo.Slot("a", 4, "fc"), normzoo.Slot("a", 4, "fc")),
+            data=lambda data_dir, download: None,
+        ))
+"""
+RAISING_WORKLOAD = """
+    import normzoo
+
+    @normzoo.hookimpl
+    def normzoo_register_workloads(register):
+        raise RuntimeError("the workload hook fails on purpose")
+"""
+
+
+def test_a_broken_workload_plugin_is_isolated_like_a_broken_norm_plugin(tmp_path, monkeypatch):
+    install_fake_distribution(tmp_path, "nz_twice", "nz_twice", BROKEN_WORKLOAD, "twice")
+    install_fake_distribution(tmp_path, "nz_raises", "nz_raises", RAISING_WORKLOAD, "raises")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            registry = normzoo.Registry()
+            names = [workload.name for workload in registry.workloads()]
+        records = {record.name: record for record in registry.plugins()}
+        assert "declares slot 'a' twice" in records["twice"].error
+        assert "the workload hook fails on purpose" in records["raises"].error
+        assert {"lenet", "mlp"} <= set(names) and "twice" not in names
+        assert "batchnorm" in {norm.name for norm in registry.available()}
+        skipped = [str(w.message) for w in caught if issubclass(w.category, normzoo.PluginWarning)]
+        assert any("'raises' skipped" in text for text in skipped), skipped
+        with pytest.raises(normzoo.UnknownWorkloadError, match="'raises'.* failed to load"):
+            registry.workload("twice")
+    finally:
+        for module in ("nz_twice", "nz_raises"):
+            sys.modules.pop(module, None)
+
+
+# -- one run configuration ---------------------------------------------------------------------
+
+
+def test_the_default_workload_keeps_every_stored_key_and_another_changes_it():
+    default = run_key(resolved_config(RunConfig()))
+    assert run_key(resolved_config(RunConfig(workload="lenet"))) == default
+    assert run_key(resolved_config(RunConfig(workload="mlp"))) != default
+
+
+def test_where_a_run_happens_is_no_part_of_its_key():
+    key = run_key(resolved_config(RunConfig(norm="zca")))
+    moved = RunConfig(norm="zca", device="cpu", nproc=2, runs_dir="elsewhere", compile=True)
+    assert run_key(resolved_config(moved)) == key
+    assert set(RESOURCE_FIELDS).isdisjoint(resolved_config(moved))
+
+
+def test_the_pages_and_the_command_line_derive_their_fields_from_the_run_configuration():
+    assert set(SETTINGS) == set(COMPUTED_FIELDS) - {"seed"}
+    assert set(COMPUTED_FIELDS) | set(RESOURCE_FIELDS) == {f.name for f in fields(RunConfig)}
+    run = build_parser()._subparsers._group_actions[0].choices["run"]
+    destinations = {action.dest: action for action in run._actions}
+    for spec in fields(RunConfig):
+        assert spec.name in destinations, spec.name
+        default = destinations[spec.name].default
+        assert default == getattr(RunConfig(), spec.name) or spec.name == "norm_options"
+    assert destinations["activation"].choices == ("sigmoid", "relu")
+
+
+def test_option_bounds_come_from_the_configuration_in_the_cli_and_in_python(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--train-subset", "1", "--runs-dir", str(tmp_path)])
+    assert exited.value.code == 2
+    assert "--train-subset: expected an integer >= 2, got '1'" in capsys.readouterr().err
+    with pytest.raises(normzoo.NormzooError, match="train_subset must be >= 2, got 1"):
+        RunConfig(train_subset=1).validate()
+
+
+def test_a_workload_factory_that_skips_a_slot_is_named():
+    def skips(slots) -> nn.Module:
+        return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+
+    broken = normzoo.WorkloadInfo(
+        name="skips", summary="never fills its slot", slots=(normzoo.Slot("hidden", 8, "fc"),),
+        factory=skips, data=load_fashion_mnist,
+    )  # fmt: skip
+    with normzoo.register(broken):
+        with pytest.raises(normzoo.NormzooError, match="slot.*hidden.*never filled"):
+            build_model(ModelSettings(workload="skips"))
+
+
+def test_the_writing_a_workload_page_example_runs_as_printed():
+    import re
+    import types
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "writing-a-workload.md"
+    plugin_source, test_source = re.findall(r"```python\n(.*?)```", page.read_text(), re.S)[:2]
+    plugin = types.ModuleType("my_workloads")
+    exec(compile(plugin_source, str(page), "exec"), plugin.__dict__)
+    tests: dict = {}
+    exec(compile(test_source, str(page), "exec"), tests)
+    with normzoo.register(plugin, name="my-workloads"):
+        (name,) = [w.name for w in normzoo.available_workloads() if w.plugin == "my-workloads"]
+        for test in [f for key, f in tests.items() if key.startswith("test_")]:
+            test()
+    assert name not in {w.name for w in normzoo.available_workloads()}
