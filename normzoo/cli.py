@@ -15,7 +15,8 @@ from dataclasses import fields
 from typing import Any, NoReturn
 
 import normzoo
-from normzoo.compare import SMOKE_EXAMPLES
+from normzoo.bench import BenchConfig
+from normzoo.compare import SMOKE_EXAMPLES, CompareConfig
 from normzoo.errors import NormzooError
 from normzoo.harness.config import MAX_SEED, RunConfig, check_bounds
 from normzoo.workloads.slots import NO_SLOT
@@ -218,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     bench.add_argument(
-        "--workload", default="lenet", metavar="NAME",
+        "--workload", default=BenchConfig.workload, metavar="NAME",
         help="registered workload (see `normzoo workloads`)",
     )  # fmt: skip
     bench.add_argument(
@@ -237,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also time an epoch of the harness against the textbook DataLoader pipeline",
     )  # fmt: skip
     bench.add_argument(
-        "--epochs", type=_positive_int, default=1,
+        "--epochs", type=_positive_int, default=BenchConfig.epochs,
         help="epochs each pipeline trains in --end-to-end",
     )  # fmt: skip
     bench.add_argument(
@@ -245,10 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="in --end-to-end, also time the harness with `normzoo run --compile` (compile "
         "time included: it pays off over several --epochs)",
     )  # fmt: skip
-    bench.add_argument("--batch-size", type=_positive_int, default=256, help="examples per step")
-    bench.add_argument("--threads", type=_positive_int, default=2, help="torch threads, fixed")
-    bench.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    bench.add_argument("--rounds", type=_positive_int, default=7, help="alternating rounds")
+    bench.add_argument(
+        "--batch-size", type=_positive_int, default=BenchConfig.batch_size,
+        help="examples per step",
+    )  # fmt: skip
+    bench.add_argument(
+        "--threads", type=_positive_int, default=BenchConfig.threads, help="torch threads, fixed"
+    )
+    bench.add_argument("--device", default=BenchConfig.device, help="cpu, cuda or cuda:N")
+    bench.add_argument(
+        "--rounds", type=_positive_int, default=BenchConfig.rounds, help="alternating rounds"
+    )
     bench.add_argument("--quick", action="store_true", help="3 short rounds: a smoke test")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bench.add_argument(
@@ -279,7 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
         "stored results give, a run is missing, or a page names an unknown norm or option",
     )  # fmt: skip
     comparison.add_argument(
-        "--jobs", type=_positive_int, default=1, help="runs in parallel, in separate processes"
+        "--jobs",
+        type=_positive_int,
+        default=CompareConfig.jobs,
+        help="runs in parallel, in separate processes",
     )
     comparison.add_argument(
         "--threads", type=_positive_int, default=None,
@@ -366,10 +377,10 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from normzoo.compare import CompareConfig, check, checked_pages, compare, counted, parse_shard
+    from normzoo.compare import check, checked_pages, compare, counted, parse_shard
 
     if args.check:
-        if args.jobs != 1 or args.threads or args.shard is not None or args.smoke:
+        if args.jobs != CompareConfig.jobs or args.threads or args.shard is not None or args.smoke:
             raise NormzooError("--check trains nothing: it takes no --jobs, --threads, --shard "
                                "or --smoke")  # fmt: skip
         problems = check(args.paths)

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 BASELINE = "torch-batchnorm"
 #: The workload measured when none is named; a results file records its workload only when it
 #: is another one, so the files (and pages) measured before workloads existed stay as they are.
-DEFAULT_WORKLOAD = "lenet"
+DEFAULT_WORKLOAD = ModelSettings.workload
 #: Each case's second half: a training step (forward and backward) or an eval forward.
 MODES = ("train", "eval")
 #: A spread (interquartile range of the per-round ratios over their median) above this is
