@@ -164,7 +164,8 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="normzoo",
-        description="Normalization layers as plugins, compared in one LeNet/Fashion-MNIST harness.",
+        description="Normalization layers as plugins, compared in one harness on registered "
+        "workloads (the book's LeNet on Fashion-MNIST by default).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -334,7 +335,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.page:
         bench_page.require_section(args.page)
-    if not args.end_to_end and (args.compile or args.epochs != 1):
+    if not args.end_to_end and (args.compile or args.epochs != BenchConfig.epochs):
         raise NormzooError("--epochs and --compile apply to --end-to-end; add --end-to-end")
     config = BenchConfig(
         workload=args.workload, norms=args.norms or (), cases=args.cases or (),
@@ -411,8 +412,6 @@ def _run(args: argparse.Namespace) -> int:
     from normzoo.harness.launch import launch
     from normzoo.harness.train import EpochMetrics
 
-    if args.download and args.data_dir is None:
-        raise NormzooError("--download needs --data-dir, the directory to download into")
     settings = {spec.name: getattr(args, spec.name) for spec in fields(RunConfig)}
     config = RunConfig(**{**settings, "norm_options": dict(args.norm_options)})
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 reports

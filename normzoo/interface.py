@@ -9,7 +9,8 @@ declaration once, when the plugin registers it; :meth:`NormInfo.resolve_options`
 :meth:`NormInfo.check` validate every build, so factories receive complete, typed, consistent
 keyword arguments only.
 
-The options most norms share (:data:`EPS`, :data:`MOMENTUM`, :data:`AFFINE`) are declared here,
+The options most norms share (:data:`EPS`, :data:`MOMENTUM`, :data:`AFFINE`, :data:`SYNC`) are
+declared here,
 so that no plugin imports another plugin to reuse them.
 """
 
@@ -450,6 +451,18 @@ class Slot:
     layout: str
     spatial: tuple[int, ...] = ()
 
+    def __post_init__(self) -> None:
+        if isinstance(self.layout, str):
+            object.__setattr__(self, "layout", ALIASES.get(self.layout, self.layout))
+
+    def input_shape(self, batch: int) -> tuple[int, ...]:
+        """The shape of the norm's input for ``batch`` examples, in the slot's layout (channels
+        last for ``seq``)."""
+        layout = get_layout(self.layout)
+        sizes = [batch, *self.spatial]
+        sizes.insert(layout.channel_axis, self.channels)
+        return tuple(sizes)
+
     def validate(self, workload: str) -> None:
         where = f"workload {workload!r}: slot {self.name!r}"
         if not isinstance(self.name, str) or not self.name.isidentifier():
@@ -464,10 +477,16 @@ class Slot:
             raise DeclarationError(
                 f"{where} declares layout {self.layout!r}; choose from {', '.join(LAYOUT_NAMES)}"
             )
-        if not isinstance(self.spatial, tuple) or not all(
-            isinstance(size, int) and size > 0 for size in self.spatial
+        sizes = get_layout(self.layout).ndim - 2
+        if (
+            not isinstance(self.spatial, tuple)
+            or len(self.spatial) != sizes
+            or not all(type(size) is int and size > 0 for size in self.spatial)
         ):
-            raise DeclarationError(f"{where} needs a tuple of positive sizes as spatial")
+            raise DeclarationError(
+                f"{where} needs spatial as a tuple of {sizes} positive sizes for layout "
+                f"{self.layout!r}, got {self.spatial!r}"
+            )
 
 
 @dataclass(frozen=True)

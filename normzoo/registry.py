@@ -66,7 +66,7 @@ _OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 class PluginWarning(UserWarning):
-    """A plugin was skipped because it failed to load or declared invalid norms."""
+    """A plugin was skipped because it failed to load or declared invalid norms or workloads."""
 
 
 class PluginLoadError(NormzooError):
@@ -155,7 +155,7 @@ class _InlinePlugin:
 @dataclass
 class Registration:
     """Handle returned by :meth:`Registry.register`; :meth:`undo` (or leaving a ``with``
-    block) removes the plugin and its norms again."""
+    block) removes the plugin and its norms and workloads again."""
 
     registry: Registry
     plugin_name: str
@@ -396,7 +396,7 @@ class Registry:
         Registration
             Call ``.undo()`` or use it as a context manager to remove them again.
 
-        Errors (invalid declaration, duplicate name, no norm registered) are raised here, not
+        Errors (invalid declaration, duplicate name, nothing registered) are raised here, not
         isolated.
         """
         self._ensure_loaded()

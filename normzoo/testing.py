@@ -31,11 +31,17 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from normzoo.errors import LayoutError
+from normzoo.errors import LayoutError, NormzooError
 from normzoo.interface import NormInfo
 from normzoo.layouts import LAYOUT_NAMES, Layout, get_layout
 from normzoo.registry import Registry, available, default_registry, workload
-from normzoo.workloads.slots import ModelSettings, build_model, norm_modules
+from normzoo.workloads.data import load_workload_data
+from normzoo.workloads.slots import (
+    ModelSettings,
+    build_model,
+    check_model_settings,
+    norm_modules,
+)
 
 #: Channels of the test inputs unless the caller gives ``num_features``.
 NUM_FEATURES = 4
@@ -554,9 +560,17 @@ def check_norm(
 
 
 def fitting_norms(workload_name: str) -> list[str]:
-    """The registered norms that declare every slot layout of workload ``workload_name``."""
-    layouts = set(workload(workload_name).layouts)
-    return [norm.name for norm in available() if layouts <= set(norm.layouts)]
+    """The registered norms that fit workload ``workload_name`` with their default options:
+    they declare every slot layout, and every slot's channel count accepts their options
+    (``groupnorm``'s 2 groups do not fit a slot of 7 channels)."""
+    fitting = []
+    for norm in available():
+        try:
+            check_model_settings(ModelSettings(workload=workload_name, norm=norm.name))
+        except NormzooError:
+            continue
+        fitting.append(norm.name)
+    return fitting
 
 
 def check_workload(
@@ -571,7 +585,7 @@ def check_workload(
     is one line: ``check_workload("my-model")``.
     """
     declared = workload(workload_name)
-    data = declared.data(None, False)
+    data = load_workload_data(workload_name, None, False)
     images, labels = data.train.images[:batch_size], data.train.labels[:batch_size]
     assert len(labels) == batch_size, (
         f"workload {workload_name!r}: fewer than {batch_size} examples"
@@ -586,7 +600,8 @@ def check_workload(
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         model.train()
         logits = model(images)
-        assert logits.shape[0] == batch_size and logits.ndim == 2, f"{where}: {logits.shape}"
+        assert logits.ndim == 2 and logits.shape[0] == batch_size, f"{where}: {logits.shape}"
+        assert logits.shape[1] > int(labels.max()), f"{where}: {logits.shape[1]} classes"
         loss = nn.functional.cross_entropy(logits, labels)
         assert torch.isfinite(loss), f"{where}: training loss {loss.item()}"
         loss.backward()

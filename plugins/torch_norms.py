@@ -83,8 +83,8 @@ class GroupNorm(AffineNorm):
     """
 
     def __init__(
-        self, num_features: int, layout: str, groups: int = 1, eps: float = 1e-5,
-        affine: bool = True, name: str = "groupnorm",
+        self, num_features: int, layout: str, groups: int, eps: float, affine: bool,
+        name: str = "groupnorm",
     ) -> None:  # fmt: skip
         super().__init__(num_features, layout, eps, affine)
         self.groups = groups

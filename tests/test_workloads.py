@@ -238,3 +238,78 @@ def test_the_writing_a_workload_page_example_runs_as_printed():
         for test in [f for key, f in tests.items() if key.startswith("test_")]:
             test()
     assert name not in {w.name for w in normzoo.available_workloads()}
+
+
+def test_a_slots_input_shape_follows_its_layout_and_spatial_sizes_must_fit_it():
+    assert normzoo.Slot("tokens", 16, "seq", (28,)).input_shape(4) == (4, 28, 16)
+    assert normzoo.Slot("maps", 6, "conv2d", (3, 3)).input_shape(2) == (2, 6, 3, 3)
+    for spatial in ((), (4, 4, 4), (True, 2)):
+        with pytest.raises(normzoo.DeclarationError, match="tuple of 2 positive sizes"):
+            normzoo.Slot("maps", 6, "conv", spatial).validate("w")
+
+
+def _tiny_with(**parts) -> normzoo.WorkloadInfo:
+    fields = dict(name="faulty", summary="fails on purpose", slots=TINY.slots, factory=tiny_model,
+                  data=load_fashion_mnist)  # fmt: skip
+    return normzoo.WorkloadInfo(**{**fields, **parts})
+
+
+def _boom(*args):
+    raise ValueError("boom")
+
+
+@pytest.mark.parametrize(
+    "parts, message",
+    [
+        (dict(factory=_boom), "its factory raised ValueError: boom"),
+        (dict(data=_boom), "its data function raised ValueError: boom"),
+        (dict(data=lambda data_dir, download: [1, 2]), "returned list, not a normzoo"),
+    ],
+)
+def test_a_workload_whose_factory_or_data_fails_is_one_line_naming_it(
+    parts, message, tmp_path, capsys
+):
+    with normzoo.register(_tiny_with(**parts), name="faulty-plugin"):
+        assert main(["run", "--workload", "faulty", *SMALL, "--runs-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'faulty' (plugin 'faulty-plugin')" in err[0] and message in err[0]
+
+
+def test_check_workload_leaves_out_norms_whose_default_options_do_not_fit_a_slot():
+    odd = _tiny_with(name="odd", slots=(normzoo.Slot("hidden", 7, "fc"),),
+                     factory=lambda slots: nn.Sequential(
+                         nn.Flatten(), *slots.block("hidden", nn.Linear(784, 7)),
+                         nn.Linear(7, 10)))  # fmt: skip
+    with normzoo.register(odd):
+        norms = fitting_norms("odd")
+        assert "groupnorm" not in norms and "batchnorm" in norms  # 2 groups cannot split 7
+        check_workload("odd", norms=["batchnorm", "layernorm"])
+
+
+def test_download_without_a_directory_is_refused_in_python_too():
+    with pytest.raises(normzoo.NormzooError, match="--download needs --data-dir"):
+        RunConfig(download=True).validate()
+
+
+def test_nproc_refuses_a_workload_registered_in_this_process_before_any_directory(tmp_path):
+    from normzoo.harness.launch import launch
+
+    with normzoo.register(TINY, name="inline-tiny"):
+        with pytest.raises(normzoo.NormzooError, match="registered in this process"):
+            launch(RunConfig(workload="tiny", nproc=2, runs_dir=str(tmp_path / "runs")))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_workload_version_bump_changes_its_keys_and_no_other(monkeypatch):
+    from dataclasses import replace
+
+    from normzoo.registry import default_registry
+
+    keys = {name: run_key(resolved_config(RunConfig(workload=name))) for name in ("lenet", "mlp")}
+    registry = default_registry()
+    registry.available()
+    monkeypatch.setitem(
+        registry._workloads, "lenet", replace(normzoo.workload("lenet"), version="2")
+    )
+    assert run_key(resolved_config(RunConfig(workload="lenet"))) != keys["lenet"]
+    assert run_key(resolved_config(RunConfig(workload="mlp"))) == keys["mlp"]

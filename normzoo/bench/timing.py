@@ -180,7 +180,7 @@ def _layer_case(
     """One norm layer alone on a random input of ``slot``'s shape (mean 1, deviation 2)."""
     module = registry.build(norm, slot.channels, slot.layout).to(device)
     generator = torch.Generator().manual_seed(0)
-    shape = (batch, slot.channels, *slot.spatial)
+    shape = slot.input_shape(batch)
     x = torch.randn(shape, generator=generator).mul_(2).add_(1).to(device)
     if mode == "eval":
         with torch.no_grad():

@@ -24,7 +24,7 @@ import torch
 from normzoo.bench import page as bench_page
 from normzoo.compare.cache import ResultStore, resolved_config, run_key
 from normzoo.compare.execute import PendingRun, run_all
-from normzoo.compare.page import Page, PageError, Variant, find_pages, parse_page
+from normzoo.compare.page import Page, PageError, Variant, check_writable, find_pages, parse_page
 from normzoo.compare.render import figure_paths, render_plots, render_section
 from normzoo.compare.summary import VariantSummary, summarize
 from normzoo.errors import NormzooError
@@ -134,7 +134,9 @@ def compare(
 
     Returns the number of runs that failed (0 when all is well). Every finished run is stored
     the moment it ends, so an interrupted comparison loses nothing finished and a second call
-    runs only what is still missing. A page is rewritten once all its runs are stored.
+    runs only what is still missing. A page is rewritten once all its runs are stored. A page
+    that cannot be parsed, or whose results or plots' folder cannot be written, is a
+    :class:`PageError` before anything trains.
     """
     pages = [parse_page(path) for path in find_pages(list(paths))]
     if not pages:
@@ -150,6 +152,11 @@ def compare(
             i, k = config.shard
             ordered = ordered[i - 1 :: k]
         todo = [run for run in ordered if not ResultStore(run.results_dir).has(run.key)]
+        if not config.smoke:  # a smoke test writes nothing beside the pages
+            # checked now, not when the first result or plot is stored after training
+            to_store = {run.results_dir for run in todo}
+            for page in pages:
+                check_writable(page, results=page.results_dir in to_store)
         jobs = max(1, min(config.jobs, len(todo)))
         # torch's thread count honours OMP_NUM_THREADS; the jobs share it
         threads = config.threads or max(1, torch.get_num_threads() // jobs)

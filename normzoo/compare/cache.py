@@ -22,6 +22,7 @@ from normzoo import registry
 from normzoo.errors import NormzooError
 from normzoo.harness.config import COMPUTED_FIELDS, RunConfig
 from normzoo.harness.runs import atomic_write_json
+from normzoo.interface import WorkloadInfo
 
 #: Bumped when the harness changes what a run computes (the training loop, the protocol).
 HARNESS_VERSION = "1"
@@ -47,7 +48,9 @@ def run_key(resolved: dict[str, Any]) -> str:
     and harness's versions."""
     default = RunConfig()
     defaults: dict[str, Any] = {name: getattr(default, name) for name in COMPUTED_FIELDS}
-    defaults["workload_version"] = registry.workload(default.workload).version
+    # a workload's first version, the one every result stored before workloads existed was
+    # computed with: a version bump changes the key, another workload's first does not
+    defaults["workload_version"] = WorkloadInfo.version
     essential = {k: v for k, v in resolved.items() if k not in defaults or defaults[k] != v}
     norm_defaults = registry.info(resolved["norm"]).resolve_options({})
     essential["norm"] = resolved["norm"]

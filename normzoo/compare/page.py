@@ -38,14 +38,26 @@ Keys of ``base``, ``grid`` and a variant are the fields of
 ``norm_options``, ``activation``, ``placement``, ``bias_before_norm``, ``dropout``,
 ``freeze_affine``, ``epochs``, ``lr``, ``batch_size``, ``train_subset``, ``test_subset``,
 ``precise_stats``). The results are written between the markers
-:data:`BEGIN` and :data:`END`; nothing else on the page is ever touched.
+:data:`BEGIN` and :data:`END`; nothing else on the page is ever touched. So the markers appear
+once each, the begin marker first, and both outside the experiment block (below it, usually):
+a section that enclosed or cut into the block would overwrite the experiment with its table.
+
+A page is refused, in one line, before anything trains, when what it asks for could not end
+well: more than :data:`MAX_VARIANTS` variants ([grid] combinations times ``[[variant]]``
+tables, counted before any is built), more than :data:`MAX_SEEDS` seeds or a seed listed twice
+(each seed is one run, its result stored under one name), no variant (``variant = []``), or a
+``results`` or ``figures`` folder that is a file, is under one, or (for ``normzoo compare``,
+which writes them) cannot be written: otherwise every run would train first and fail to store.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
+import os
 import re
 import sys
+from collections import Counter
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -66,6 +78,11 @@ _TOP_KEYS = ("seeds", "baseline", "results", "figures", "plots", "base", "grid",
 PLOTS = ("curves", "finals", "affine")
 #: What a page may set: what a run computes, but the seed (the page's ``seeds`` give it).
 SETTINGS = tuple(name for name in COMPUTED_FIELDS if name != "seed")
+#: The most variants one page may hold: past it the planning alone takes minutes, and the runs
+#: would take far longer; a bigger sweep is several pages.
+MAX_VARIANTS = 1000
+#: The most seeds one variant may run (a count beyond it would not even fit in memory).
+MAX_SEEDS = 1000
 
 
 class PageError(NormzooError):
@@ -169,7 +186,8 @@ def parse_page(path: Path | str) -> Page:
             raise PageError(f"{where}: {key} must be a string, got {spec[key]!r}")
     variants = _variants(spec, where)
     seeds = _seeds(spec.get("seeds", 3), where)
-    labels = [v.label for v in variants]
+    by_label = {v.label: v for v in variants}
+    labels = list(by_label)
     baseline = spec.get("baseline", labels[0])
     if baseline not in labels:
         raise PageError(f"{where}: {suggest('baseline', baseline, labels)}")
@@ -178,7 +196,7 @@ def parse_page(path: Path | str) -> Page:
         if own not in labels:
             unknown = suggest("baseline", own, labels)
             raise PageError(f"{where}: variant {variant.label!r}: {unknown}")
-        paired = set(variants[labels.index(own)].seeds or seeds)
+        paired = set(by_label[own].seeds or seeds)
         unpaired = sorted(set(variant.seeds or seeds) - paired)
         if unpaired:
             raise PageError(
@@ -192,12 +210,7 @@ def parse_page(path: Path | str) -> Page:
     for plot in plots:
         if plot not in PLOTS:
             raise PageError(f"{where}: {suggest('plot', str(plot), PLOTS)}")
-    begin, end = text.find(BEGIN), text.find(END)
-    if begin < 0 or end < begin:
-        raise PageError(
-            f"{path}: needs the markers {BEGIN} and, after it, {END}: add the two lines where "
-            "the results should go (e.g. below the experiment block)"
-        )
+    begin, end = _section(path, text, match)
     return Page(
         path=path,
         text=text,
@@ -206,11 +219,85 @@ def parse_page(path: Path | str) -> Page:
         variants=variants,
         seeds=seeds,
         baseline=baseline,
-        results_dir=(path.parent / spec.get("results", "results")),
-        figures_dir=(path.parent / spec.get("figures", ".")),
-        begin=begin + len(BEGIN),
+        results_dir=_folder(path, where, "results", spec.get("results", "results")),
+        figures_dir=_folder(path, where, "figures", spec.get("figures", ".")),
+        begin=begin,
         end=end,
     )
+
+
+def _line(text: str, offset: int) -> int:
+    return text.count("\n", 0, offset) + 1
+
+
+def _section(path: Path, text: str, block: re.Match[str]) -> tuple[int, int]:
+    """The offsets of the generated section's content: after the one :data:`BEGIN`, before
+    the one :data:`END`, outside the experiment ``block`` (which compare would overwrite)."""
+    found = {marker: [m.start() for m in re.finditer(re.escape(marker), text)]
+             for marker in (BEGIN, END)}  # fmt: skip
+    if not found[BEGIN] or not found[END]:
+        raise PageError(
+            f"{path}: needs the markers {BEGIN} and, after it, {END}: add the two lines where "
+            "the results should go (e.g. below the experiment block)"
+        )
+    for marker, offsets in found.items():
+        if len(offsets) > 1:
+            lines = ", ".join(str(_line(text, offset)) for offset in offsets)
+            raise PageError(
+                f"{path}:{_line(text, offsets[0])}: {marker} appears {len(offsets)} times "
+                f"(lines {lines}); keep one pair of markers, {BEGIN} then {END}"
+            )
+    (begin,), (end,) = found[BEGIN], found[END]
+    if end < begin:
+        raise PageError(
+            f"{path}:{_line(text, end)}: {END} (line {_line(text, end)}) comes before {BEGIN} "
+            f"(line {_line(text, begin)}); put the begin marker first"
+        )
+    if begin < block.end() and block.start() < end + len(END):
+        raise PageError(
+            f"{path}:{_line(text, begin)}: the markers (lines {_line(text, begin)} and "
+            f"{_line(text, end)}) enclose or cut into the experiment block (lines "
+            f"{_line(text, block.start())}-{_line(text, block.end())}), which the results "
+            "would overwrite; put both markers below the block's closing ```"
+        )
+    return begin + len(BEGIN), end
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists (or is a link, even a broken one)."""
+    while not path.exists() and not path.is_symlink() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _folder(page: Path, where: str, key: str, value: str) -> Path:
+    """The folder ``key = value`` names, beside ``page``; a file there (or above it) is refused
+    now, not after every run has trained and failed to store its result."""
+    folder = page.parent / value
+    existing = _nearest_existing(folder)
+    if existing.is_dir():
+        return folder
+    what = "is" if existing == folder else f"is under {existing}, which is"
+    broken = existing.is_symlink() and not existing.exists()
+    kind = "a broken symbolic link" if broken else "a file, not a folder"
+    raise PageError(f'{where}: {key} = "{value}": {folder} {what} {kind}; name a folder')
+
+
+def check_writable(page: Page, results: bool = True) -> None:
+    """Raise :class:`PageError` when the page's plots' folder, or with ``results`` its results
+    folder, cannot be written: checked before any run trains, so that a read-only folder costs
+    no training (each result is stored the moment its run ends)."""
+    for key, folder, needed in (
+        ("results", page.results_dir, results),
+        ("figures", page.figures_dir, bool(page.plots)),
+    ):
+        existing = _nearest_existing(folder)
+        if needed and not os.access(existing, os.W_OK | os.X_OK):
+            below = "" if existing == folder else f" ({existing}, where it would be made, is not)"
+            raise PageError(
+                f"{page.where()}: {key} folder {folder} is not writable{below}; make it writable "
+                f"or set {key} to another folder"
+            )
 
 
 _TOML_AT = re.compile(r" \(at line (\d+), column (\d+)\)")
@@ -229,12 +316,23 @@ def _is_int(value: Any) -> bool:
 
 
 def _seeds(value: Any, where: str) -> list[int]:
-    """A ``seeds`` entry, a count ``n`` (seeds ``0 .. n-1``) or a list, as a list."""
+    """A ``seeds`` entry, a count ``n`` (seeds ``0 .. n-1``) or a list, as a list; at most
+    :data:`MAX_SEEDS`, counted before the list is built, each seed once (a seed is one run)."""
+    count = value if _is_int(value) else len(value) if isinstance(value, list) else 0
+    if count > MAX_SEEDS:
+        raise PageError(
+            f"{where}: seeds: {count} seeds is more than MAX_SEEDS = {MAX_SEEDS} per variant; "
+            "give fewer seeds"
+        )
     seeds = list(range(value)) if _is_int(value) and value >= 1 else value
     if not (isinstance(seeds, list) and seeds and all(_is_int(s) and s >= 0 for s in seeds)):
         raise PageError(
             f"{where}: seeds must be a count >= 1 or a list of integers >= 0, got {value!r}"
         )
+    repeated = [(seed, n) for seed, n in Counter(seeds).items() if n > 1]
+    if repeated:
+        seed, n = repeated[0]
+        raise PageError(f"{where}: seeds: seed {seed} is listed {n} times; list each seed once")
     return seeds
 
 
@@ -271,6 +369,18 @@ def _variants(spec: dict[str, Any], where: str) -> list[Variant]:
     listed = spec.get("variant", [{}])
     if not isinstance(listed, list) or not all(isinstance(entry, dict) for entry in listed):
         raise PageError(f"{where}: variant must be an array of tables ([[variant]])")
+    if not listed:
+        raise PageError(
+            f"{where}: variant = [] lists no variants; add [[variant]] tables, or remove the key "
+            "for one variant of the [base] settings"
+        )
+    combinations = math.prod(len(values) for values in grid.values())
+    if combinations * len(listed) > MAX_VARIANTS:  # counted, not built: a grid can be huge
+        raise PageError(
+            f"{where}: {combinations * len(listed)} variants ({combinations} [grid] combinations "
+            f"times {len(listed)} [[variant]] tables) is more than MAX_VARIANTS = "
+            f"{MAX_VARIANTS}; shrink the grid or split the sweep over several pages"
+        )
     variants: list[Variant] = []
     for combination in itertools.product(*grid.values()):
         from_grid = dict(zip(grid, combination, strict=True))
@@ -297,8 +407,8 @@ def _variants(spec: dict[str, Any], where: str) -> list[Variant]:
             elif from_grid:
                 label = ", ".join([label, *(_describe(k, v) for k, v in from_grid.items())])
             variants.append(Variant(label, settings, seeds, own_baseline))
-    labels = [v.label for v in variants]
-    duplicated = sorted({label for label in labels if labels.count(label) > 1})
+    counts = Counter(v.label for v in variants)
+    duplicated = sorted(label for label, n in counts.items() if n > 1)
     if duplicated:
         raise PageError(f"{where}: two variants share the label {duplicated[0]!r}; label them")
     return variants

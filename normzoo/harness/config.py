@@ -3,8 +3,9 @@
 :class:`RunConfig` is :class:`~normzoo.workloads.slots.ModelSettings` (the workload and the
 norm in its slots), :class:`TrainingSettings` (the protocol) and :class:`Resources` (where and
 how the run happens). The first two are *what the run computes*: the comparison cache keys a
-result by them and pages may set them; the third changes no number (up to float rounding
-across devices and process counts) and stays out of both. Each field's help, range and
+result by them and pages may set them; the third is where and how, and stays out of both (it
+can still move numbers: float rounding across devices, per-process statistics of a norm
+without ``sync`` under ``--nproc``, a ``--data-dir`` with other files). Each field's help, range and
 choices sit in its metadata, from which the command line builds its options and
 :meth:`RunConfig.validate` its checks, so a default or a bound is written once.
 """
@@ -84,7 +85,7 @@ class Resources:
         metadata={
             "help": "directory with the workload's data files (Fashion-MNIST: the four IDX "
             "files, gzipped or not, or torchvision's FashionMNIST/raw layout); default: the "
-            "copy bundled with normzoo",
+            "copy bundled with normzoo (the bundled workloads' own default)",
             "type": str,
         },
     )
@@ -148,6 +149,8 @@ class RunConfig(Resources, TrainingSettings, ModelSettings):
             check_bounds(spec.name, value, spec.metadata)
         if not 0.0 <= self.dropout < 1.0:
             raise NormzooError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.download and self.data_dir is None:
+            raise NormzooError("--download needs --data-dir, the directory to download into")
         if self.compile and self.nproc > 1:
             raise NormzooError(
                 f"--compile runs in one process only, got --nproc {self.nproc}; drop one of them"

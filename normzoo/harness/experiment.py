@@ -25,7 +25,7 @@ from normzoo.harness.group import current
 from normzoo.harness.interrupts import RunInterrupted, interruption_message, stops_deferred
 from normzoo.harness.runs import RunDirectory, check_runs_root, json_bytes
 from normzoo.harness.train import EpochMetrics, TrainingDiverged, batch_bounds, probe_norms, train
-from normzoo.workloads.data import Dataset
+from normzoo.workloads.data import Dataset, load_workload_data
 from normzoo.workloads.slots import build_model
 
 
@@ -51,6 +51,11 @@ class Prepared:
     record: dict
 
 
+def run_title(config: RunConfig) -> str:
+    """The run's title in its curves: the workload and the norm."""
+    return f"{config.workload} + {config.norm}"
+
+
 def config_record(config: RunConfig, device: torch.device, data: Dataset, processes: int) -> dict:
     """What ``config.json`` holds: the settings, the resolved norm options, the versions."""
     workload = normzoo.workload(config.workload)
@@ -74,7 +79,7 @@ def load(config: RunConfig, device: torch.device) -> tuple[nn.Module, Dataset]:
     """The run's model (initialised from ``config.seed``) and its data, both on ``device``."""
     torch.manual_seed(config.seed)
     model = build_model(config).to(device)
-    data = normzoo.workload(config.workload).data(config.data_dir, config.download)
+    data = load_workload_data(config.workload, config.data_dir, config.download)
     return model, data.subset(config.train_subset, config.test_subset).to(device)
 
 
@@ -139,7 +144,7 @@ def run_experiment(
         # the norms keep their statistics equal across processes themselves (sync)
         trained = DistributedDataParallel(model, device_ids=ids, **_NO_BUFFER_BROADCAST)
     history: list[EpochMetrics] = []
-    title = f"{config.workload} + {config.norm}"
+    title = run_title(config)
 
     def record(status: str, message: str = "") -> None:
         if directory is not None:

@@ -43,15 +43,15 @@ def interruption_message(signal_number: int, finished_epochs: int) -> str:
 @contextmanager
 def signals_handled(
     handler: Callable[[int, object], object], numbers: tuple[int, ...] = STOP_SIGNALS
-) -> Iterator[bool]:
-    """Answer the signals ``numbers`` with ``handler(number, frame)`` for the block; yields
-    whether the handler is installed (not outside the main thread)."""
+) -> Iterator[None]:
+    """Answer the signals ``numbers`` with ``handler(number, frame)`` for the block (outside
+    the main thread, leave them to the caller)."""
     if threading.current_thread() is not threading.main_thread():
-        yield False
+        yield
         return
     previous = {number: signal.signal(number, handler) for number in numbers}
     try:
-        yield True
+        yield
     finally:
         for number, old in previous.items():
             signal.signal(number, old)

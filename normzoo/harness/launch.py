@@ -25,15 +25,17 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from normzoo import registry
 from normzoo.errors import NormzooError
 from normzoo.harness.config import RunConfig
-from normzoo.harness.experiment import RunResult, load, prepare, run_experiment
+from normzoo.harness.experiment import RunResult, load, prepare, run_experiment, run_title
 from normzoo.harness.group import (
     backend,
     current,
@@ -150,11 +152,12 @@ def _on_processes(
             f"one thread each, which is slower than --nproc {cores}, not faster",
             RuntimeWarning, stacklevel=3,
         )  # fmt: skip
+    _refuse_in_process_plugins(config)
     threads = max(1, cores // config.nproc)
     device = resolve_device(config.device)
     prepared = prepare(config, local_device(device, 0), config.nproc)  # one trial, here
     directory = _new_directory(config, prepared.record)
-    title = f"{config.workload} + {config.norm}"
+    title = run_title(config)
     history: list[EpochMetrics] = []
     end: tuple[str, str, bytes] | None = None
     messages = mp.get_context("spawn").SimpleQueue()
@@ -200,6 +203,24 @@ def _on_processes(
     return RunResult(directory, history, status, model, message)
 
 
+def _refuse_in_process_plugins(config: RunConfig) -> None:
+    """The processes start afresh and load plugins from the entry points only: a norm or a
+    workload registered in this process (``normzoo.register``) would be unknown to them, and
+    the run would fail after its directory was made."""
+    records = {record.name: record for record in registry.plugins()}
+    for kind, plugin in (
+        ("norm", registry.info(config.norm).plugin),
+        ("workload", registry.workload(config.workload).plugin),
+    ):
+        if not records[plugin].distribution:
+            raise NormzooError(
+                f"--nproc {config.nproc}: {kind} {getattr(config, kind)!r} was registered in "
+                "this process (normzoo.register), and the processes --nproc starts load plugins "
+                "from the installed entry points only; install it as a plugin package, or use "
+                "--nproc 1"
+            )
+
+
 def _worker(
     rank: int,
     config: RunConfig,
@@ -223,7 +244,7 @@ def _worker(
     main = rank == 0
     try:
         with stops_interrupt():
-            model, data = load(config, device)
+            model, data = load(replace(config, download=False), device)  # the launcher did
             result = run_experiment(
                 config, model, data, RunDirectory(directory) if main else None,
                 progress and main, on_epoch=messages.put if main else lambda metrics: None,

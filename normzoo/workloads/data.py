@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from normzoo.errors import NormzooError
+from normzoo import registry
+from normzoo.errors import NormzooError, first_line
 
 CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -131,8 +132,8 @@ def find_idx_file(directory: Path, stem: str) -> Path:
 
 
 def _read_split(directory: Path, split: str) -> Split:
-    """Read and check one split; LeNet's layer sizes assume 28x28, so other sizes are errors
-    here rather than a shape mismatch deep inside the model, and an empty file would make
+    """Read and check one split; the bundled workloads' layer sizes assume 28x28, so other
+    sizes are errors here rather than a shape mismatch deep inside the model, and an empty file would make
     every accuracy a meaningless 0."""
     image_path, label_path = (find_idx_file(directory, stem) for stem in FILES[split])
     images = read_idx(image_path, ndim=3)
@@ -209,3 +210,25 @@ def load_fashion_mnist(
             "holds the four IDX files, or omit --data-dir to use the bundled copy"
         )
     return Dataset(_read_split(directory, "train"), _read_split(directory, "test"))
+
+
+def load_workload_data(workload: str, data_dir: Path | str | None, download: bool) -> Dataset:
+    """Workload ``workload``'s data: its own errors are one line already; any other exception
+    of its ``data`` function, or something that is not a :class:`Dataset`, is a
+    :class:`DataError` naming the workload and its plugin."""
+    declared = registry.workload(workload)
+    where = f"workload {declared.name!r} (plugin {declared.plugin!r})"
+    try:
+        data = declared.data(data_dir, download)
+    except NormzooError:
+        raise
+    except Exception as error:
+        raise DataError(
+            f"{where}: its data function raised {type(error).__name__}: {first_line(error)}"
+        ) from error
+    if not isinstance(data, Dataset):
+        raise DataError(
+            f"{where}: its data function returned {type(data).__name__}, not a "
+            "normzoo.workloads.data.Dataset (train and test Splits)"
+        )
+    return data

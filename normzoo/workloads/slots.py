@@ -13,13 +13,13 @@ here once, for every workload, and :func:`build_model` checks everything that ca
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from normzoo import registry
-from normzoo.errors import NormzooError, OptionError, suggest
+from normzoo.errors import NormzooError, OptionError, first_line, suggest
 from normzoo.interface import NormInfo, Slot, WorkloadInfo
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}
@@ -66,7 +66,11 @@ class ModelSettings:
         default=True, metadata={"flag": "drop the bias of the layers that feed a norm"}
     )
     dropout: float = field(
-        default=0.0, metadata={"help": "dropout probability after each hidden fc slot"}
+        default=0.0,
+        metadata={
+            "help": "dropout probability where the workload puts dropout (LeNet, mlp: "
+            "after each hidden fc layer)"
+        },
     )
     freeze_affine: bool = field(
         default=False,
@@ -75,10 +79,6 @@ class ModelSettings:
             "affine=false)"
         },
     )
-
-    def model_settings(self) -> ModelSettings:
-        """These settings alone (a :class:`RunConfig` is model settings and more)."""
-        return ModelSettings(**{f.name: getattr(self, f.name) for f in fields(ModelSettings)})
 
     def resolved_norm_options(self) -> dict[str, Any]:
         """Every option of the norm, converted, defaults filled in, ``affine`` off where
@@ -191,7 +191,7 @@ class NormSlots:
     """What a workload's factory builds its model with: one :meth:`block` per slot.
 
     Made by :func:`build_model`; a factory uses :meth:`block` for each declared slot, in
-    order, exactly once (checked when the model is finished).
+    order of use, exactly once (checked when the model is finished).
     """
 
     def __init__(self, workload: WorkloadInfo, settings: ModelSettings) -> None:
@@ -268,7 +268,15 @@ def build_model(settings: ModelSettings) -> nn.Module:
     selects; every setting is checked first (:func:`check_model_settings`)."""
     workload = check_model_settings(settings)
     slots = NormSlots(workload, settings)
-    model = workload.factory(slots)
+    try:
+        model = workload.factory(slots)
+    except NormzooError:
+        raise
+    except Exception as error:
+        raise NormzooError(
+            f"workload {workload.name!r} (plugin {workload.plugin!r}): its factory raised "
+            f"{type(error).__name__}: {first_line(error)}"
+        ) from error
     if not isinstance(model, nn.Module):
         raise NormzooError(
             f"workload {workload.name!r}: its factory returned {type(model).__name__}, not a "

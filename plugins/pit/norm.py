@@ -94,7 +94,7 @@ class PIT(NormBase):
         sync: bool,
     ) -> None:
         self._eval_cache: dict[torch.dtype, tuple[Lookup, kernel.FusedTable | None]] = {}
-        super().__init__(num_features, layout, 1e-5, momentum, affine)
+        super().__init__(num_features, layout, self._LEGACY_EPS, momentum, affine)
         self.sync = sync
         self.num_knots = num_knots
         self.sample_size = sample_size
