@@ -25,7 +25,13 @@ from normzoo.bench import page as bench_page
 from normzoo.compare.cache import ResultStore, resolved_config, run_key
 from normzoo.compare.execute import PendingRun, run_all
 from normzoo.compare.page import Page, PageError, Variant, check_writable, find_pages, parse_page
-from normzoo.compare.render import figure_paths, render_plots, render_section
+from normzoo.compare.render import (
+    figure_paths,
+    plot_problem,
+    render_plots,
+    render_section,
+    shared_plots,
+)
 from normzoo.compare.summary import VariantSummary, summarize
 from normzoo.errors import NormzooError
 from normzoo.harness.runs import atomic_write_bytes
@@ -108,11 +114,16 @@ def _seed_major(plans: Iterable[list[_PlannedRun]]) -> list[PendingRun]:
 
 
 def _summaries(page: Page, planned: list[_PlannedRun]) -> tuple[list[VariantSummary], int]:
-    """The summary of each variant from the stored results, and how many runs are missing."""
+    """The summary of each variant from the stored results, and how many runs are missing.
+
+    A stored result must be the run's (its key and configuration) and hold what the table and
+    plots read; :class:`~normzoo.compare.cache.ResultFileError` names a file that does not.
+    """
     by_variant: dict[str, dict[int, dict[str, Any]]] = {v.label: {} for v in page.variants}
     missing = 0
     for run in planned:
-        result = ResultStore(run.pending.results_dir).load(run.pending.key)
+        store = ResultStore(run.pending.results_dir)
+        result = store.load(run.pending.key, resolved_config(run.pending.config))
         if result is None:
             missing += 1
         else:
@@ -235,22 +246,31 @@ def check(paths: Sequence[Path | str]) -> list[str]:
     """Problems with the pages at ``paths``, one line each (empty: all in step).
 
     Renders every page from its stored results only, never trains. A problem is a page that
-    cannot be parsed, names an unknown norm or option, misses a run, lacks a plot, or whose
-    generated section differs from what its stored results give (the first differing line);
-    also a ``normzoo bench`` section that differs from its stored measurement
+    cannot be parsed, names an unknown norm or option, misses a run, has a result file that is
+    not its run's or lacks a field (:meth:`~normzoo.compare.cache.ResultStore.load`), lacks a
+    plot or has a plot that another page drew, shares a plot file with another of the pages,
+    or whose generated section differs from what its stored results give (the first differing
+    line); also a ``normzoo bench`` section that differs from its stored measurement
     (:func:`normzoo.bench.page.check`).
+
+    A plot drawn before plots recorded their page (:func:`~normzoo.compare.render.plot_owner`
+    is ``None``) is taken as its page's: another page that writes the same file is caught
+    when both are checked together, or once it has drawn its own plot there.
     """
     problems = bench_page.check(list(paths))
     pages = find_pages(list(paths))
     if not pages and not bench_page.find_pages(list(paths)):
         problems.append(f"no page with a ```normzoo experiment block in {_listed(paths)}")
+    parsed = []
     for path in pages:
         try:
             page = parse_page(path)
-            planned = _plan(page)
+            parsed.append((page, _plan(page)))
         except PageError as error:
             problems.append(str(error))
-            continue
+    problems += shared_plots([page for page, _ in parsed])
+    plotted = [path.resolve() for page, _ in parsed for path in figure_paths(page).values()]
+    for page, planned in parsed:
         try:
             summaries, missing = _summaries(page, planned)
         except NormzooError as error:
@@ -274,4 +294,7 @@ def check(paths: Sequence[Path | str]) -> list[str]:
             if not plot.is_file():
                 problems.append(f"{page.where()}: plot {plot} is missing; run normzoo compare "
                                 f"{page.path}")  # fmt: skip
+            elif plotted.count(plot.resolve()) == 1:  # a shared plot is reported above
+                problem = plot_problem(page, plot)
+                problems += [problem] if problem else []
     return problems

@@ -62,7 +62,147 @@ def run_key(resolved: dict[str, Any]) -> str:
 
 
 class ResultFileError(NormzooError):
-    """A file in the results directory is not a stored result."""
+    """A file in the results directory is not a stored result, or not the result of the run it
+    is named after."""
+
+
+#: The statuses a stored run can have: what :func:`~normzoo.harness.launch.launch` returns.
+RESULT_STATUSES = ("finished", "diverged")
+#: The numbers of each epoch that the table and the plots read.
+EPOCH_NUMBERS = ("epoch", "train_loss", "train_acc", "test_acc", "examples_per_sec")
+#: What the result files written before workloads existed lack in their ``config``: the
+#: workload they were all computed on, at its version then. Pinned rather than read from
+#: :class:`RunConfig` and the registry, so that a new default workload or a bumped version
+#: never passes an old file off as its result.
+BEFORE_WORKLOADS = {"workload": "lenet", "workload_version": "1"}
+
+_MISSING = object()
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _field_problem(
+    container: dict[str, Any], field: str, kind: str, prefix: str = ""
+) -> str | None:
+    """What is wrong with ``container[field]`` for a value of ``kind``, the field named as
+    ``prefix + field``; ``None`` when nothing."""
+    name = prefix + field
+    if field not in container:
+        return f"no field {name}"
+    value = container[field]
+    checks = {
+        "a number": _is_number(value),
+        "a count >= 1": isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+        "a string": isinstance(value, str),
+        "an object": isinstance(value, dict),
+        "a list": isinstance(value, list),
+    }
+    return None if checks[kind] else f"{name} is {_short(value)}, not {kind}"
+
+
+def shape_problem(result: Any) -> str | None:
+    """What a loaded result file lacks of what the table and the plots read
+    (:mod:`~normzoo.compare.summary`, :mod:`~normzoo.compare.render`), the first bad field
+    named; ``None`` when it has it all."""
+    if not isinstance(result, dict):
+        return f"a JSON {type(result).__name__}, not an object"
+    for field, kind in (
+        ("key", "a string"), ("config", "an object"), ("status", "a string"),
+        ("epochs", "a list"), ("affine", "an object"), ("seconds", "a number"),
+        ("machine", "a string"), ("device", "a string"), ("threads", "a count >= 1"),
+    ):  # fmt: skip
+        problem = _field_problem(result, field, kind)
+        if problem:
+            return problem
+    problem = _field_problem(result["config"], "epochs", "a count >= 1", "config.")
+    if problem:
+        return problem
+    if result["status"] not in RESULT_STATUSES:
+        return f"status is {_short(result['status'])}, not one of {', '.join(RESULT_STATUSES)}"
+    for index, epoch in enumerate(result["epochs"]):
+        if not isinstance(epoch, dict):
+            return f"epochs[{index}] is {_short(epoch)}, not an object"
+        for field in EPOCH_NUMBERS:
+            problem = _field_problem(epoch, field, "a number", f"epochs[{index}].")
+            if problem:
+                return problem
+    if result["status"] == "finished" and len(result["epochs"]) != result["config"]["epochs"]:
+        return (
+            f"status is finished but epochs holds {len(result['epochs'])} epochs, "
+            f"config.epochs {result['config']['epochs']}"
+        )
+    for layer, entry in result["affine"].items():
+        if not isinstance(entry, dict):
+            return f"affine[{layer!r}] is {_short(entry)}, not an object"
+        for parameter in ("weight", "bias"):
+            names = (f"{parameter}_mean", f"{parameter}_std")
+            if any(name in entry for name in names):
+                for name in names:
+                    problem = _field_problem(entry, name, "a number", f"affine[{layer!r}].")
+                    if problem:
+                        return problem
+    return None
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as it reads back from a result file (tuples as lists, and so on)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _mismatch(
+    stored: dict[str, Any], wanted: dict[str, Any], unstated: dict[str, Any], prefix: str = ""
+) -> str | None:
+    """The first setting in which ``stored`` is not ``wanted``; a setting ``stored`` lacks
+    stands for its value in ``unstated``, what a run computed before the setting existed."""
+    for name in [*wanted, *(name for name in stored if name not in wanted)]:
+        have, want = stored.get(name, _MISSING), wanted.get(name, _MISSING)
+        if want is _MISSING:
+            return f"its config has {prefix}{name} = {_short(have)}, which this run has not"
+        if have is _MISSING:
+            if unstated.get(name, _MISSING) != want:
+                return f"its config lacks {prefix}{name} (this run's is {_short(want)})"
+        elif have != want:
+            return f"its config has {prefix}{name} = {_short(have)}, this run {_short(want)}"
+    return None
+
+
+def identity_problem(
+    result: dict[str, Any], key: str, expected: dict[str, Any] | None
+) -> str | None:
+    """How ``result`` (of the right shape) is not the result of run ``key``, whose
+    :func:`resolved_config` is ``expected`` (``None``: only the key is checked); ``None`` when
+    it is.
+
+    The stored key must be ``key`` (the file's name), and every setting and norm option the
+    file's configuration holds must equal the run's. A setting or option the file lacks was
+    added after it was written, and is taken as what the run computed then: the default (the
+    rule :func:`run_key` follows), and for the workload :data:`BEFORE_WORKLOADS`.
+    """
+    if result["key"] != key:
+        return f"it holds the result of run {_short(result['key'])}"
+    if expected is None:
+        return None
+    stored, wanted = result["config"], _jsonable(expected)
+    default = RunConfig()
+    unstated = _jsonable({name: getattr(default, name) for name in COMPUTED_FIELDS})
+    unstated.update(BEFORE_WORKLOADS)
+    options = stored.get("norm_options", {})
+    problem = _mismatch(
+        {k: v for k, v in stored.items() if k != "norm_options"},
+        {k: v for k, v in wanted.items() if k != "norm_options"},
+        unstated,
+    )
+    if problem or not isinstance(options, dict):
+        return problem or f"its config has norm_options = {_short(options)}, not an object"
+    norm_defaults = _jsonable(registry.info(expected["norm"]).resolve_options({}))
+    return _mismatch(options, wanted["norm_options"], norm_defaults, "norm_options.")
 
 
 class ResultStore:
@@ -77,22 +217,30 @@ class ResultStore:
     def has(self, key: str) -> bool:
         return self.path(key).is_file()
 
-    def load(self, key: str) -> dict[str, Any] | None:
-        """The stored result, ``None`` when there is none; :class:`ResultFileError` for a file
-        that is not a result (it names the file: delete it, and the run is redone)."""
+    def load(self, key: str, expected: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """The stored result of run ``key``, ``None`` when there is none.
+
+        ``expected`` is the run's :func:`resolved_config`, which the file's must agree with
+        (:func:`identity_problem`). :class:`ResultFileError` for a file that is not a result,
+        lacks a field the table or the plots read (:func:`shape_problem`), or holds another
+        run: one line naming the file (delete it, and the run is redone).
+        """
         path = self.path(key)
         if not path.is_file():
             return None
+        redo = "delete it and run normzoo compare again to redo that run"
         try:
             result = json.loads(path.read_text())
-            if not isinstance(result, dict) or not isinstance(result["epochs"], list):
-                raise ValueError("no list of epochs")
-            result["status"]
-        except (ValueError, KeyError, TypeError) as error:
+        except (ValueError, OSError) as error:
             raise ResultFileError(
-                f"{path} is not a normzoo result ({type(error).__name__}: {error}); delete it "
-                "and run normzoo compare again to redo that run"
+                f"{path} is not a normzoo result ({type(error).__name__}: {error}); {redo}"
             ) from None
+        problem = shape_problem(result)
+        if problem:
+            raise ResultFileError(f"{path} is not a normzoo result ({problem}); {redo}")
+        problem = identity_problem(result, key, expected)
+        if problem:
+            raise ResultFileError(f"{path} is not the result of the run {key} ({problem}); {redo}")
         return result
 
     def save(self, key: str, result: dict[str, Any]) -> None:

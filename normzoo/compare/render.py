@@ -2,6 +2,13 @@
 
 Rendering is deterministic: fixed decimals, the page's variant order, no timestamps, so
 ``normzoo compare --check`` can compare a page with what its stored results give.
+
+Plots are named after the page's file name, so two pages of one name in different folders
+that share a ``figures`` folder would write the same plots. Each plot records the page it was
+drawn for (a PNG text chunk, :data:`PAGE_KEYWORD`): a page never writes over the plot of
+another page that claims it (:func:`render_plots`), and ``--check`` reports a page whose plot
+names another page (:func:`plot_owner`) and pages that would share a plot
+(:func:`shared_plots`).
 """
 
 from __future__ import annotations
@@ -9,11 +16,17 @@ from __future__ import annotations
 import io
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
-from normzoo.compare.page import Page
+from normzoo.compare.page import Page, PageError, parse_page
 from normzoo.compare.summary import LEVEL, Interval, VariantSummary
+from normzoo.errors import NormzooError
 from normzoo.harness.runs import atomic_write_bytes
+
+#: The keyword of the PNG text chunk in which a plot records its page: the page's path
+#: relative to the plot's folder, so the record survives moving the whole tree.
+PAGE_KEYWORD = "normzoo page"
 
 
 def _number(value: float, decimals: int = 3, sign: bool = False) -> str:
@@ -43,6 +56,72 @@ def _mean_std(interval: Interval, decimals: int = 3) -> str:
 def figure_paths(page: Page) -> dict[str, Path]:
     """Where each of the page's plots is written."""
     return {plot: page.figures_dir / f"{page.path.stem}-{plot}.png" for plot in page.plots}
+
+
+def _same_file(one: Path, two: Path) -> bool:
+    return one.resolve() == two.resolve()
+
+
+def shared_plots(pages: Sequence[Page]) -> list[str]:
+    """One line for each two of ``pages`` that would write the same plot file, naming both."""
+    first: dict[Path, Page] = {}
+    lines = []
+    reported: set[tuple[Path, Path]] = set()
+    for page in pages:
+        for path in figure_paths(page).values():
+            other = first.setdefault(path.resolve(), page)
+            pair = (other.path.resolve(), page.path.resolve())
+            if other is not page and pair not in reported:
+                reported.add(pair)
+                lines.append(_shared_line(page, path, other.path))
+    return lines
+
+
+def _shared_line(page: Page, path: Path, other: Path) -> str:
+    return (
+        f"{page.where()}: its plot {os.path.normpath(path)} is also the plot of {other}: "
+        "plots are named after the page's file name; give one of the two pages another "
+        "`figures` folder"
+    )
+
+
+def plot_owner(path: Path) -> Path | None:
+    """The page that the plot at ``path`` was drawn for, as it records it; ``None`` for a plot
+    that does not record it (drawn before plots recorded their page). :class:`NormzooError`
+    for a file that is not a readable PNG."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            mark = image.text.get(PAGE_KEYWORD)  # reads the chunks after the image data too
+    except (OSError, SyntaxError, ValueError) as error:
+        raise NormzooError(f"plot {path} is not a readable PNG ({error})") from None
+    return None if mark is None else Path(os.path.normpath(path.parent / mark))
+
+
+def plot_problem(page: Page, plot: Path) -> str | None:
+    """A line if the plot file ``plot`` of ``page`` is not the page's own: not a readable PNG,
+    or drawn for another page; ``None`` when it is, or when it does not say (drawn before
+    plots recorded their page)."""
+    try:
+        owner = plot_owner(plot)
+    except NormzooError as error:
+        return f"{page.where()}: {error}; run normzoo compare {page.path}"
+    if owner is None or _same_file(owner, page.path):
+        return None
+    return (
+        f"{page.where()}: plot {plot} was written by {owner}, not by this page; run normzoo "
+        f"compare {page.path} (if {owner} writes it too, give one of the two pages another "
+        "`figures` folder)"
+    )
+
+
+def _claims(page_path: Path, plot: Path) -> bool:
+    """Whether the page at ``page_path`` exists and writes ``plot``."""
+    try:
+        return any(_same_file(plot, path) for path in figure_paths(parse_page(page_path)).values())
+    except (PageError, OSError):
+        return False  # gone, or no experiment any more: its old plots are anybody's
 
 
 def render_section(page: Page, summaries: list[VariantSummary]) -> str:
@@ -119,7 +198,19 @@ def _footer(page: Page, summaries: list[VariantSummary]) -> str:
 
 
 def render_plots(page: Page, summaries: list[VariantSummary]) -> None:
-    """Write the page's plots (PNG) beside it."""
+    """Write the page's plots (PNG) beside it, each recording the page.
+
+    :class:`PageError` naming both pages, before any plot is written, when a plot file is
+    another page's: it records that page, which still writes it.
+    """
+    for path in figure_paths(page).values():
+        try:
+            owner = plot_owner(path) if path.is_file() else None
+        except NormzooError:
+            owner = None  # not a readable plot: written over
+        if owner is not None and not _same_file(owner, page.path) and _claims(owner, path):
+            raise PageError(_shared_line(page, path, owner))
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,7 +220,8 @@ def render_plots(page: Page, summaries: list[VariantSummary]) -> None:
     for plot, path in figure_paths(page).items():
         figure = drawers[plot](plt, summaries)
         buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", metadata={"Software": None})
+        mark = Path(os.path.relpath(page.path.resolve(), path.parent.resolve())).as_posix()
+        figure.savefig(buffer, format="png", metadata={"Software": None, PAGE_KEYWORD: mark})
         plt.close(figure)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, buffer.getvalue())
