@@ -403,8 +403,9 @@ def _compare(args: argparse.Namespace) -> int:
     )
     try:
         failures = compare(args.paths, config)
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as error:  # compare said what was stored
+        number = getattr(error, "signal_number", signal.SIGINT)  # bare: Python's own handler
+        return 1 if number is None else 128 + number  # None: raised by code, not a signal
     return 1 if failures else 0
 
 
@@ -428,14 +429,23 @@ def _run(args: argparse.Namespace) -> int:
         if main_process:
             print(metrics.summary(), flush=True)
 
+    from normzoo.harness.runs import RunFilesError
+
     try:
         result = launch(config, progress=args.progress, on_epoch=report)
+    except RunFilesError as error:
+        if error.directory is None:  # before the run existed: bad input, exit 2 (main)
+            raise
+        # after: the run itself failed (a full disk), like a failed run, not bad input
+        print(f"normzoo: error: {error}; run directory {error.directory}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as error:
         # only around the run: once it has returned, its files say finished
         directory = getattr(error, "directory", None)
         where = f"; finished epochs are saved in {directory}" if directory else ""
         print(f"\nnormzoo: {error or 'interrupted'}{where}", file=sys.stderr)
-        return 128 + getattr(error, "signal_number", signal.SIGINT)
+        number = getattr(error, "signal_number", signal.SIGINT)  # bare: Python's own handler
+        return 1 if number is None else 128 + number  # None: raised by code, not a signal
     if result.directory is None:  # not rank 0 under torchrun: rank 0 reports
         return 0 if result.status == "finished" else 1
     if result.status == "diverged":
@@ -450,6 +460,8 @@ def _run(args: argparse.Namespace) -> int:
         f"(best {max(m.test_acc for m in result.epochs):.3f}), train loss {last.train_loss:.3f}, "
         f"{speed:,.0f} examples/s on average\nresults: {result.directory.path}"
     )
+    if result.warning:
+        print(f"warning: {result.warning}", flush=True)
     return 0
 
 

@@ -128,14 +128,38 @@ def _inherited_options(module: nn.Module, declared: set[str], given: Mapping[str
     return options
 
 
+def _check_not_scripted(model: nn.Module) -> None:
+    """:class:`ConvertError` naming the first TorchScript module in ``model``: its submodules
+    cannot be replaced, and ``match`` sees a ``RecursiveScriptModule`` in place of each layer,
+    so nothing inside it would be converted, silently."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule):
+            kind = getattr(module, "original_name", None) or type(module).__name__
+            raise ConvertError(
+                f"{name or 'the model itself'} ({kind}) is TorchScript, whose layers cannot be "
+                "replaced; convert the eager model first, then torch.jit.script or trace it"
+            )
+
+
+def _first_tensor(module: nn.Module, floating: bool = False) -> torch.Tensor | None:
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if not floating or tensor.is_floating_point():
+            return tensor
+    return None
+
+
 def _replacement(
     name: str,
     module: nn.Module,
     norm: str,
     options: Mapping[str, Any],
     lost: list[tuple[str, str]],
+    around: tuple[nn.Module, ...] = (),
 ) -> nn.Module:
-    """The new layer for ``module``, with what can be carried over carried over."""
+    """The new layer for ``module``, with what can be carried over carried over. It goes
+    where ``module``'s tensors are (the meta device included), or, for a layer without any
+    (an ``InstanceNorm2d`` without affine or running statistics), where those of the first
+    module in ``around`` (its parent, the model) that has some are."""
     features, layout = _shape_of(name, module)
     _check_replaceable(name, module)
     declared_norm = registry.info(norm)
@@ -147,11 +171,11 @@ def _replacement(
             f"which norm {norm!r} does not support ({', '.join(declared_norm.layouts)})"
         )
     new = registry.build(norm, features, layout, **resolved)
-    reference = next(iter(module.parameters()), None)
-    if reference is None:
-        reference = next(iter(module.buffers()), None)
-    if reference is not None:
-        new = new.to(device=reference.device, dtype=reference.dtype)
+    around = (module, *around)
+    device = next((t.device for m in around if (t := _first_tensor(m)) is not None), None)
+    dtype = next((t.dtype for m in around if (t := _first_tensor(m, True)) is not None), None)
+    if device is not None or dtype is not None:
+        new = new.to(device=device, dtype=dtype)
     with torch.no_grad():
         for parameter in ("weight", "bias"):
             old_value, new_value = getattr(module, parameter, None), getattr(new, parameter, None)
@@ -204,14 +228,17 @@ def convert(
     Returns the converted model (the same object unless ``model`` itself was replaced). Each
     new layer gets the old one's device, dtype, ``training`` flag, affine parameters (with
     their ``requires_grad``) and the running statistics that share a name and shape (so that
-    ``batchnorm`` and torch's batch norm convert into each other with the same numbers). A
+    ``batchnorm`` and torch's batch norm convert into each other with the same numbers); a
+    model on the meta device converts into one on the meta device (``to_empty`` and a state
+    dict then give it values). A
     layer shared by several parents is replaced once, by one new layer. A :class:`ConvertWarning`
     lists what could not be carried over. Build the optimizer after converting: it would
     otherwise hold the old layers' parameters.
 
-    Raises :class:`ConvertError` for a model wrapped in DDP or ``DataParallel``, and for a
-    selected layer with hooks or a ``forward`` of its own (torch's converter drops both
-    silently), or whose layout the norm does not support.
+    Raises :class:`ConvertError` for a model wrapped in DDP or ``DataParallel``, for a model
+    that is or holds a TorchScript module (``torch.jit.script`` or ``trace``: convert before
+    scripting), and for a selected layer with hooks or a ``forward`` of its own (torch's
+    converter drops both silently), or whose layout the norm does not support.
     """
     if not isinstance(model, nn.Module) or not isinstance(name, str):
         raise TypeError(
@@ -224,6 +251,7 @@ def convert(
             "the converted model"
         )
     registry.info(name)  # an unknown name fails before anything changes
+    _check_not_scripted(model)
     match = match or is_norm_layer
     lost: list[tuple[str, str]] = []
     if match("", model):
@@ -238,7 +266,9 @@ def convert(
         for child_name, child in parent.named_children():
             qualified = f"{parent_name}.{child_name}" if parent_name else child_name
             if id(child) not in new_of and match(qualified, child):
-                new_of[id(child)] = _replacement(qualified, child, name, options, lost)
+                new_of[id(child)] = _replacement(
+                    qualified, child, name, options, lost, (parent, model)
+                )
                 replaced.append(qualified)
             if id(child) in new_of:
                 places.append((parent, child_name, child))

@@ -161,9 +161,32 @@ class Option:
                 return False
             raise OptionError(f"{where} expects true or false, got {text!r}")
         try:
-            return self.type(text)
+            value = self.type(text)
         except ValueError:
             raise OptionError(f"{where} expects {self.type.__name__}, got {text!r}") from None
+        if self.type is float:
+            self._check_representable(value, text, where)
+        return value
+
+    _ZERO_LITERAL = re.compile(r"^[+-]?(0+\.?0*|\.0+)(e[+-]?\d+)?$")
+    _INF_LITERAL = re.compile(r"^[+-]?inf(inity)?$")
+
+    @classmethod
+    def _check_representable(cls, value: float, text: str, where: str) -> None:
+        """:class:`OptionError` when ``text`` parsed to 0.0 or an infinity though it does not
+        spell one: the number is out of float64's range, and would otherwise be reported as
+        the 0 or inf the user never wrote."""
+        literal = text.strip().lower().replace("_", "")
+        if value == 0.0 and not cls._ZERO_LITERAL.match(literal):
+            raise OptionError(
+                f"{where}: {text!r} underflows float64 to 0.0; give a number of magnitude at "
+                f"least {np.finfo(np.float64).smallest_subnormal:.1e}"
+            )
+        if math.isinf(value) and not cls._INF_LITERAL.match(literal):
+            raise OptionError(
+                f"{where}: {text!r} overflows float64 to inf; give a number of magnitude at "
+                f"most {np.finfo(np.float64).max:.1e}"
+            )
 
     def describe(self) -> str:
         """``name (type, default X[, range]): help`` for listings."""
@@ -181,9 +204,14 @@ class Option:
 
 
 #: ``eps``: added to a variance before the square root; strictly positive, since ``eps = 0``
-#: divides a constant channel by zero (torch's own batch norm rejects it too).
+#: divides a constant channel by zero (torch's own batch norm rejects it too). At most 1: the
+#: layers a norm sees carry activations of roughly unit variance (the previous norm's output),
+#: and an ``eps`` above that variance makes ``x / sqrt(var + eps)`` a division by about
+#: ``sqrt(eps)``, a fixed rescaling that no longer normalizes (``eps=1e300`` trains at chance).
+#: The bound only refuses values; it changes no default, and ranges are not part of the key
+#: of cached results.
 EPS = Option(
-    "eps", float, 1e-5, "added to the variance before the square root", 0.0,
+    "eps", float, 1e-5, "added to the variance before the square root", 0.0, 1.0,
     exclusive_minimum=True,
 )  # fmt: skip
 #: ``momentum``: weight of the new batch in the running statistics, ``None`` for a cumulative

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import copy
 import io
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -48,6 +49,13 @@ NUM_FEATURES = 4
 #: Channels of the (smaller) gradcheck inputs unless the caller gives ``num_features``;
 #: gradcheck costs two forwards per input element.
 GRADCHECK_FEATURES = 2
+#: Seconds one conformance check may take before it fails (``timeout=`` of :func:`run_check`
+#: and :func:`check_norm` overrides it): generous, since the slowest check of a bundled norm
+#: (pit's gradcheck with 5 channels) takes about 10 s on two busy CPU cores, yet a norm whose
+#: forward blocks fails instead of hanging the suite.
+CHECK_TIMEOUT = 120.0
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -163,6 +171,27 @@ def check_shape_and_dtype(subject: Subject) -> None:
                 assert y.shape == x.shape, f"{where}: output shape {tuple(y.shape)} != input"
                 assert y.dtype == dtype, f"{where}: output dtype {y.dtype} != {dtype}"
                 assert torch.isfinite(y).all(), f"{where}: output is not finite"
+
+
+def check_leaves_input_unchanged(subject: Subject) -> None:
+    """The forward leaves its input tensor as it was, in train and in eval mode: a norm that
+    normalizes in place corrupts the caller's tensor (a residual branch, the next check's
+    input)."""
+    for layout in subject.layouts:
+        module = subject.build(layout)
+        for training in (True, False):
+            if not training:
+                _train_once(subject, module, layout)
+            module.train(training)
+            x = _input(layout, subject.channels, seed=11)
+            original = x.clone()
+            with torch.no_grad():
+                module(x)
+            mode = "train" if training else "eval"
+            assert torch.equal(x, original), (
+                f"{subject.where(layout)}, {mode}: forward changed its input in place; compute "
+                "into a new tensor (x - mean, not x.sub_(mean))"
+            )
 
 
 def check_train_eval(subject: Subject) -> None:
@@ -504,6 +533,7 @@ def check_batch_of_one(subject: Subject) -> None:
 
 CHECKS: dict[str, Check] = {
     "shape_and_dtype": check_shape_and_dtype,
+    "leaves_input_unchanged": check_leaves_input_unchanged,  # before the checks it would mislead
     "train_eval": check_train_eval,
     "state_dict_round_trip": check_state_dict_round_trip,
     "deepcopy": check_deepcopy,
@@ -520,6 +550,43 @@ CHECKS: dict[str, Check] = {
 CONFORMANCE_CHECKS: list[str] = list(CHECKS)
 
 
+def run_with_timeout(
+    function: Callable[[], T],
+    timeout: float | None,
+    what: str,
+    *,
+    error: Callable[[str], BaseException] = TimeoutError,
+) -> T:
+    """``function()``'s result, or its exception, unless it runs longer than ``timeout`` seconds:
+    then ``error("WHAT did not finish within TIMEOUT s")`` is raised.
+
+    Works on any thread without signals: ``function`` runs in a daemon thread, joined with the
+    timeout, under the caller's grad mode (which torch keeps per thread). A function that
+    overruns cannot be stopped; its thread is abandoned, and as a daemon it does not keep the
+    process alive. ``timeout=None`` calls ``function`` directly, on this thread.
+    """
+    if timeout is None:
+        return function()
+    outcome: dict[str, Any] = {}
+    grad_enabled = torch.is_grad_enabled()
+
+    def target() -> None:
+        try:
+            with torch.set_grad_enabled(grad_enabled):
+                outcome["value"] = function()
+        except BaseException as caught:  # re-raised on the caller's thread
+            outcome["error"] = caught
+
+    thread = threading.Thread(target=target, name=f"normzoo: {what}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise error(f"{what} did not finish within {timeout:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 def run_check(
     check: str,
     norm_name: str,
@@ -527,6 +594,7 @@ def run_check(
     *,
     options: Mapping[str, Any] | None = None,
     num_features: int | None = None,
+    timeout: float | None = CHECK_TIMEOUT,
 ) -> None:
     """Run conformance check ``check`` on norm ``norm_name`` over every layout it declares.
 
@@ -541,10 +609,20 @@ def run_check(
     num_features:
         Channel count of the test inputs, for options that constrain it; ``None`` for the
         suite's own (4, and 2 in gradcheck).
+    timeout:
+        Seconds the check may take (:data:`CHECK_TIMEOUT` by default); past them it fails with
+        an ``AssertionError`` naming the norm and the check. ``None``: no limit.
     """
     registry = registry or default_registry()
     subject = Subject(registry.info(norm_name), registry, dict(options or {}), num_features)
-    CHECKS[check](subject)
+    run_with_timeout(
+        lambda: CHECKS[check](subject),
+        timeout,
+        f"norm {norm_name!r}: check {check!r}",
+        error=lambda message: AssertionError(
+            f"{message}; does its forward block? Pass timeout= (None for no limit) to allow more"
+        ),
+    )
 
 
 def check_norm(
@@ -553,10 +631,14 @@ def check_norm(
     *,
     options: Mapping[str, Any] | None = None,
     num_features: int | None = None,
+    timeout: float | None = CHECK_TIMEOUT,
 ) -> None:
-    """Run every conformance check on ``norm_name``; the first failure raises."""
+    """Run every conformance check on ``norm_name``; the first failure raises. ``timeout``
+    limits each check, as in :func:`run_check`."""
     for check in CONFORMANCE_CHECKS:
-        run_check(check, norm_name, registry, options=options, num_features=num_features)
+        run_check(
+            check, norm_name, registry, options=options, num_features=num_features, timeout=timeout
+        )
 
 
 def fitting_norms(workload_name: str) -> list[str]:

@@ -290,7 +290,7 @@ def test_ctrl_c_during_the_final_save_still_finishes_the_run(tmp_path):
 
 def test_interrupt_carries_the_directory_and_restores_the_sigterm_handler(tmp_path):
     def interrupt(metrics):
-        raise KeyboardInterrupt
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C, as the terminal sends it
 
     before = signal.getsignal(signal.SIGTERM)
     config = RunConfig(norm="none", runs_dir=str(tmp_path / "runs"), **TINY)

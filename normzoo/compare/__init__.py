@@ -11,10 +11,14 @@ Modules: :mod:`~normzoo.compare.page` (the page and its experiment block),
 
 from __future__ import annotations
 
+import os
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from functools import partial
 from itertools import zip_longest
 from pathlib import Path
 from typing import Any
@@ -34,6 +38,7 @@ from normzoo.compare.render import (
 )
 from normzoo.compare.summary import VariantSummary, summarize
 from normzoo.errors import NormzooError
+from normzoo.harness.interrupts import stops_interrupt
 from normzoo.harness.runs import atomic_write_bytes
 from normzoo.workloads.slots import check_model_settings
 
@@ -145,15 +150,24 @@ def compare(
 
     Returns the number of runs that failed (0 when all is well). Every finished run is stored
     the moment it ends, so an interrupted comparison loses nothing finished and a second call
-    runs only what is still missing. A page is rewritten once all its runs are stored. A page
-    that cannot be parsed, or whose results or plots' folder cannot be written, is a
-    :class:`PageError` before anything trains.
+    runs only what is still missing. A page is rewritten once all its runs are stored, keeping
+    its permission bits. A page that cannot be parsed, that cannot be written, or whose
+    results or plots' folder cannot be written, is a :class:`PageError` before anything trains.
+
+    Ctrl-C or SIGTERM raise :class:`KeyboardInterrupt` (SIGTERM:
+    :class:`~normzoo.harness.interrupts.RunInterrupted` with its ``signal_number``) once the
+    worker processes are stopped and the temporary folders removed. SIGKILL cannot be handled:
+    the workers then exit by themselves, but a ``--smoke`` scratch folder (``normzoo-smoke-*``)
+    and, with one job, the runs' ``normzoo-compare-*`` folder stay in the temporary directory.
     """
     pages = [parse_page(path) for path in find_pages(list(paths))]
     if not pages:
         raise NormzooError(f"no page with a ```normzoo experiment block in {_listed(paths)}")
-    with tempfile.TemporaryDirectory(prefix="normzoo-smoke-") as scratch:
-        smoke_dir = Path(scratch) if config.smoke else None
+    # a smoke test stores its results in a scratch folder, made where SIGTERM removes it; a
+    # real comparison makes none
+    smoke = partial(tempfile.TemporaryDirectory, prefix="normzoo-smoke-")
+    with stops_interrupt(), (smoke if config.smoke else nullcontext)() as scratch:
+        smoke_dir = Path(scratch) if scratch else None
         plans = {page.path: _plan(page, smoke_dir) for page in pages}
         unique: dict[tuple[Path, str], PendingRun] = {}
         for run in _seed_major(plans[path] for path in sorted(plans)):
@@ -168,6 +182,9 @@ def compare(
             to_store = {run.results_dir for run in todo}
             for page in pages:
                 check_writable(page, results=page.results_dir in to_store)
+                if not os.access(page.path, os.W_OK):  # rewritten once its runs are stored
+                    raise PageError(f"{page.path}: the page is not writable; make it writable "
+                                    "or run a copy")  # fmt: skip
         jobs = max(1, min(config.jobs, len(todo)))
         # torch's thread count honours OMP_NUM_THREADS; the jobs share it
         threads = config.threads or max(1, torch.get_num_threads() // jobs)
@@ -191,7 +208,9 @@ def compare(
             if fresh.variants != page.variants or fresh.seeds != page.seeds:
                 say(f"{page.path}: its experiment changed while running; run again")
             elif section != fresh.generated:
+                mode = stat.S_IMODE(os.stat(page.path).st_mode)
                 atomic_write_bytes(page.path, fresh.with_generated(section).encode())
+                os.chmod(page.path, mode)  # a new file: the page's own permissions, not umask's
                 say(f"{page.path}: results updated")
             else:
                 say(f"{page.path}: up to date")
@@ -203,15 +222,16 @@ def _run_with_progress(
 ) -> int:
     from tqdm import tqdm
 
-    failures = 0
+    failures = stored = 0  # counted here: a disabled bar counts nothing
     bar = tqdm(total=len(todo), unit="run", disable=not progress or not todo, file=sys.stderr)
 
     def done(run: PendingRun, result: dict[str, Any] | None, error: BaseException | None) -> None:
-        nonlocal failures
+        nonlocal failures, stored
         if error is not None:
             failures += 1
             bar.write(f"failed: {run.label} seed {run.config.seed}: {error}")
         else:
+            stored += 1
             test = result["epochs"][-1]["test_acc"] if result["epochs"] else float("nan")
             bar.set_postfix_str(f"{run.label} seed {run.config.seed}: {result['status']}, "
                                 f"test {test:.3f}")  # fmt: skip
@@ -221,7 +241,7 @@ def _run_with_progress(
         run_all(todo, jobs, threads, done)
     except KeyboardInterrupt:
         bar.close()
-        say(f"interrupted: {bar.n} of {len(todo)} runs finished and stored; run the same "
+        say(f"interrupted: {stored} of {len(todo)} runs finished and stored; run the same "
             "command again to resume")  # fmt: skip
         raise
     bar.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 import platform
-import signal
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -22,8 +21,14 @@ import normzoo
 from normzoo.errors import NormzooError, first_line
 from normzoo.harness.config import RunConfig
 from normzoo.harness.group import current
-from normzoo.harness.interrupts import RunInterrupted, interruption_message, stops_deferred
-from normzoo.harness.runs import RunDirectory, check_runs_root, json_bytes
+from normzoo.harness.interrupts import (
+    RunInterrupted,
+    interruption_message,
+    raised_interruption_message,
+    signal_number_of,
+    stops_deferred,
+)
+from normzoo.harness.runs import RunDirectory, RunFilesError, check_runs_root, json_bytes
 from normzoo.harness.train import EpochMetrics, TrainingDiverged, batch_bounds, probe_norms, train
 from normzoo.workloads.data import Dataset, load_workload_data
 from normzoo.workloads.slots import build_model
@@ -40,6 +45,27 @@ class RunResult:
     status: str
     model: nn.Module
     message: str = ""
+    #: Said of a finished run whose result is not a normal one (see :func:`chance_warning`).
+    warning: str = ""
+
+
+#: A final test accuracy at most this far above 1 / classes is at chance level.
+CHANCE_MARGIN = 0.02
+
+
+def chance_warning(config: RunConfig, test_acc: float, classes: int) -> str:
+    """A warning when ``test_acc`` is at (or below) chance level, ``1 / classes`` plus
+    :data:`CHANCE_MARGIN`: the model learned nothing (usually too large a learning rate for
+    the norm, or the norm's options), and the number should not read as a result; else ``""``.
+    """
+    chance = 1 / max(classes, 1)
+    if classes < 2 or test_acc > chance + CHANCE_MARGIN:
+        return ""
+    return (
+        f"test accuracy {test_acc:.3f} is at chance level for {classes} classes "
+        f"(1/{classes} = {chance:.3f}): the model has not learned; try a smaller --lr (this run: "
+        f"{config.lr:g}) or other options of norm {config.norm!r} (normzoo info {config.norm})"
+    )
 
 
 @dataclass
@@ -129,8 +155,10 @@ def run_experiment(
 
     - ``finished``: returned; weights and curves are saved.
     - ``diverged``: a loss or running statistic became non-finite; returned with the message.
-    - ``interrupted``: Ctrl-C or SIGTERM (a :class:`KeyboardInterrupt`);
-      :class:`~normzoo.harness.interrupts.RunInterrupted` is raised, carrying the directory.
+    - ``interrupted``: Ctrl-C or SIGTERM, or a :class:`KeyboardInterrupt` that code raised
+      (the message says which, and where it was raised);
+      :class:`~normzoo.harness.interrupts.RunInterrupted` is raised, carrying the directory
+      and the signal (``None`` for a raised one).
     - ``failed``: any other exception; recorded with its message, then re-raised.
 
     SIGINT and SIGTERM are held off while the final files and the final status are written,
@@ -146,18 +174,19 @@ def run_experiment(
     history: list[EpochMetrics] = []
     title = run_title(config)
 
-    def record(status: str, message: str = "") -> None:
+    def record(status: str, message: str = "", warning: str = "") -> None:
         if directory is not None:
-            directory.record(status, history, message, title)
+            directory.record(status, history, message, title, warning)
 
-    def record_final(status: str, message: str) -> None:
+    def record_final(status: str, message: str) -> Exception | None:
         """The final status, written with interrupts held off; a failure to write it must
-        not hide the error that ended the run."""
+        not hide the error that ended the run (it is returned)."""
         with stops_deferred():
             try:
                 record(status, message)
-            except Exception:
-                pass
+            except Exception as error:
+                return error
+        return None
 
     def epoch_done(metrics: EpochMetrics) -> None:
         history.append(metrics)
@@ -170,16 +199,21 @@ def run_experiment(
             label=config.norm, on_epoch=epoch_done, progress=progress and processes.main,
             precise_stats=config.precise_stats, compile=config.compile,
         )  # fmt: skip
+        classes = int(max(data.train.labels.max(), data.test.labels.max())) + 1
+        warning = chance_warning(config, history[-1].test_acc, classes) if history else ""
         with stops_deferred():
             if directory is not None:
                 directory.save_weights(model)
-            record("finished")
+            record("finished", warning=warning)
     except TrainingDiverged as error:
         record_final("diverged", str(error))
         return RunResult(directory, history, "diverged", model, str(error))
     except KeyboardInterrupt as error:
-        number = getattr(error, "signal_number", signal.SIGINT)
-        message = interruption_message(number, len(history))
+        number = signal_number_of(error)
+        if number is None:  # raised by code (a plugin, a callback), not sent by a signal
+            message = raised_interruption_message(error, len(history))
+        else:
+            message = interruption_message(number, len(history))
         record_final("interrupted", message)
         raise RunInterrupted(message, number, directory and directory.path) from error
     except BaseException as error:
@@ -187,6 +221,11 @@ def run_experiment(
             message = str(error)
         else:
             message = f"{type(error).__name__}: {first_line(error)}".rstrip(": ")
-        record_final("failed", message)
+        unwritten = record_final("failed", message)
+        if isinstance(error, RunFilesError) and directory is not None:
+            # a full disk: say which files could not be written, metrics.json included
+            error.directory = error.directory or directory.path
+            if unwritten is not None:
+                raise RunFilesError(f"{error}; then {unwritten}", directory.path) from error
         raise
-    return RunResult(directory, history, "finished", model)
+    return RunResult(directory, history, "finished", model, warning=warning)

@@ -25,6 +25,12 @@ DEVICES = "auto, cpu, cuda or cuda:N"
 #: Seconds a collective waits for the other processes before the run fails
 #: (``NORMZOO_DIST_TIMEOUT`` overrides).
 TIMEOUT = 120
+#: Memory one process of a ``--nproc`` run takes, in bytes: about 1 GiB, measured as the
+#: resident size of a LeNet worker on a CPU (the torch and Python runtime, the whole
+#: Fashion-MNIST training set as float32 tensors, the model and its gradients), which is most
+#: of it whatever the workload; the launcher refuses more processes than fit in the memory
+#: available.
+PROCESS_MEMORY = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,23 @@ def use_threads(threads: int) -> None:
     """
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new processes without swapping: ``MemAvailable`` of
+    ``/proc/meminfo`` on Linux, else the free physical pages (``os.sysconf``); ``None`` where
+    neither can be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                value, unit = line.split(":", 1)[1].split()
+                return int(value) * (1024 if unit.lower() == "kb" else 1)
+    except (OSError, ValueError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def machine_description() -> str:

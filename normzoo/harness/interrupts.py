@@ -15,20 +15,24 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import TracebackType
 
 #: The signals that stop a run.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C (SIGINT) or SIGTERM stopped a run.
+    """Ctrl-C (SIGINT) or SIGTERM stopped a run, or code raised :class:`KeyboardInterrupt`.
 
     A :class:`KeyboardInterrupt`, so code that stops on Ctrl-C stops on it too. ``directory``
     is the run directory, whose ``metrics.json`` says ``interrupted`` (``None`` when the run
-    was stopped before its directory existed); ``signal_number`` is the signal.
+    was stopped before its directory existed); ``signal_number`` is the signal, ``None`` when
+    no signal came: a plugin (or a callback) raised ``KeyboardInterrupt`` itself.
     """
 
-    def __init__(self, message: str, signal_number: int, directory: Path | None = None) -> None:
+    def __init__(
+        self, message: str, signal_number: int | None, directory: Path | None = None
+    ) -> None:
         super().__init__(message)
         self.signal_number = signal_number
         self.directory = directory
@@ -38,6 +42,36 @@ def interruption_message(signal_number: int, finished_epochs: int) -> str:
     """What ``metrics.json`` and the terminal say of a run that signal ``signal_number`` ended."""
     verb = "interrupted" if signal_number == signal.SIGINT else "terminated"
     return f"{verb} by {signal.Signals(signal_number).name} after {finished_epochs} finished epochs"
+
+
+def raised_where(error: BaseException) -> str:
+    """Where ``error`` was raised: the innermost frame of its traceback, as
+    ``function (file:line)``."""
+    traceback: TracebackType | None = error.__traceback__
+    if traceback is None:
+        return "an unknown place"
+    while traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    code = traceback.tb_frame.f_code
+    return f"{code.co_name} ({Path(code.co_filename).name}:{traceback.tb_lineno})"
+
+
+def raised_interruption_message(error: BaseException, finished_epochs: int | None = None) -> str:
+    """What ``metrics.json`` and the terminal say of a run that a :class:`KeyboardInterrupt`
+    ended which no signal sent: code raised it."""
+    after = "" if finished_epochs is None else f" after {finished_epochs} finished epochs"
+    return (
+        f"interrupted by a KeyboardInterrupt raised in {raised_where(error)}, not by Ctrl-C or "
+        f"a signal{after}"
+    )
+
+
+def signal_number_of(error: BaseException) -> int | None:
+    """The signal that raised ``error`` (a :class:`KeyboardInterrupt`), or ``None`` when code
+    raised it. Within :func:`stops_interrupt`, SIGINT and SIGTERM raise
+    :class:`RunInterrupted` carrying their number; a bare ``KeyboardInterrupt`` there came
+    from a ``raise``."""
+    return getattr(error, "signal_number", None)
 
 
 @contextmanager
@@ -63,9 +97,18 @@ def _raise_interrupt(signal_number: int, frame: object) -> None:
 
 @contextmanager
 def stops_interrupt() -> Iterator[None]:
-    """SIGTERM raises :class:`RunInterrupted` in the block, as SIGINT raises
-    :class:`KeyboardInterrupt`: both unwind through the code that records the run."""
-    with signals_handled(_raise_interrupt, (signal.SIGTERM,)):
+    """SIGTERM and SIGINT raise :class:`RunInterrupted` carrying the signal in the block: both
+    unwind through the code that records the run, which can tell them from a
+    ``KeyboardInterrupt`` that code raised (see :func:`signal_number_of`).
+
+    SIGINT is answered only where Python's default handler (which raises a bare
+    ``KeyboardInterrupt``) would have answered it: a process that ignores it (the launcher's
+    processes leave Ctrl-C to the launcher) keeps ignoring it.
+    """
+    numbers: tuple[int, ...] = (signal.SIGTERM,)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        numbers = (signal.SIGINT, signal.SIGTERM)
+    with signals_handled(_raise_interrupt, numbers):
         yield
 
 

@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from normzoo import registry
 from normzoo.errors import NormzooError
+from normzoo.harness import group
 from normzoo.harness.config import RunConfig
 from normzoo.harness.experiment import RunResult, load, prepare, run_experiment, run_title
 from normzoo.harness.group import (
@@ -49,10 +50,11 @@ from normzoo.harness.group import (
 from normzoo.harness.interrupts import (
     RunInterrupted,
     interruption_message,
+    raised_interruption_message,
     signals_handled,
     stops_interrupt,
 )
-from normzoo.harness.runs import RunDirectory
+from normzoo.harness.runs import RunDirectory, RunFilesError
 from normzoo.harness.train import EpochMetrics
 from normzoo.workloads.slots import build_model
 
@@ -91,8 +93,8 @@ def launch(
             return _in_this_process(config, progress, on_epoch)
         except RunInterrupted:
             raise
-        except KeyboardInterrupt as error:
-            raise RunInterrupted(str(error) or "interrupted", signal.SIGINT) from error
+        except KeyboardInterrupt as error:  # raised by code before the run directory existed
+            raise RunInterrupted(raised_interruption_message(error), None) from error
 
 
 def _in_this_process(
@@ -118,9 +120,16 @@ def _in_this_process(
 
 
 def _new_directory(config: RunConfig, record: dict) -> RunDirectory:
+    """The run's directory with its config and a ``running`` status. A file that cannot be
+    written there (a full disk) leaves ``metrics.json`` saying ``failed`` where it can still
+    be written; the :class:`RunFilesError` raised carries the directory (and names every file
+    that could not be written)."""
     directory = RunDirectory.create(config.runs_dir, config.norm)
-    directory.write_config(record)
-    directory.record("running", [])
+    try:
+        directory.write_config(record)
+        directory.record("running", [])
+    except RunFilesError as error:
+        raise directory.record_failed_write(error, title=run_title(config)) from error.__cause__
     return directory
 
 
@@ -145,6 +154,7 @@ def _on_processes(
     """
     import torch.multiprocessing as mp
 
+    _refuse_beyond_memory(config.nproc)
     cores = os.cpu_count() or 1
     if config.nproc > cores:
         warnings.warn(
@@ -159,7 +169,7 @@ def _on_processes(
     directory = _new_directory(config, prepared.record)
     title = run_title(config)
     history: list[EpochMetrics] = []
-    end: tuple[str, str, bytes] | None = None
+    end: tuple[str, str, bytes, str] | None = None
     messages = mp.get_context("spawn").SimpleQueue()
     context = mp.spawn(
         _worker,
@@ -197,10 +207,26 @@ def _on_processes(
         message = f"multi-process run failed: {failure or 'rank 0 reported no end'}"
         directory.record("failed", history, message, title)
         raise ProcessFailed(f"{message}; run directory {directory.path} (status failed)")
-    status, message, weights = end
+    status, message, weights, warning = end
     model = build_model(config)
     model.load_state_dict(torch.load(io.BytesIO(weights), weights_only=True))
-    return RunResult(directory, history, status, model, message)
+    return RunResult(directory, history, status, model, message, warning)
+
+
+def _refuse_beyond_memory(nproc: int) -> None:
+    """Refuse more processes than the available memory holds, at
+    :data:`~normzoo.harness.group.PROCESS_MEMORY` each: past it the machine swaps or the
+    kernel kills processes in the middle of the run."""
+    available = group.available_memory()
+    if available is None or nproc * group.PROCESS_MEMORY <= available:
+        return
+    fits = max(1, available // group.PROCESS_MEMORY)
+    gib = 1 << 30
+    raise NormzooError(
+        f"--nproc {nproc}: each process takes about {group.PROCESS_MEMORY / gib:.1f} GiB of "
+        f"memory and this machine has {available / gib:.1f} GiB available, room for {fits}; "
+        f"use --nproc {fits}{' or fewer' if fits > 1 else ''}"
+    )
 
 
 def _refuse_in_process_plugins(config: RunConfig) -> None:
@@ -252,7 +278,7 @@ def _worker(
         if main:
             weights = io.BytesIO()
             torch.save(result.model.state_dict(), weights)
-            messages.put((result.status, result.message, weights.getvalue()))
+            messages.put((result.status, result.message, weights.getvalue(), result.warning))
     finally:
         dist.destroy_process_group()
 

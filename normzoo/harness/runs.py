@@ -15,6 +15,8 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,16 @@ STATUSES = ("running", "finished", "diverged", "failed", "interrupted")
 
 
 class RunFilesError(NormzooError):
-    """The runs directory is unusable, or a file of a run could not be written."""
+    """The runs directory is unusable, or a file of a run could not be written.
+
+    ``directory`` is the run directory when the error came after it was created (a file of
+    the run could not be written: a full disk, permissions), ``None`` when it came before
+    (bad input, such as an unusable ``--runs-dir``).
+    """
+
+    def __init__(self, message: str, directory: Path | None = None) -> None:
+        super().__init__(message)
+        self.directory = directory
 
 
 def _umask() -> int:
@@ -162,21 +173,46 @@ class RunDirectory:
             ) from error
         raise RunFilesError(f"could not create a fresh run directory under {root}")
 
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A :class:`RunFilesError` from the block carries this directory."""
+        try:
+            yield
+        except RunFilesError as error:
+            if error.directory is None:
+                error.directory = self.path
+            raise
+
     def write_config(self, config: dict[str, Any]) -> None:
         """Write ``config.json``."""
-        atomic_write_json(self.path / CONFIG, config)
+        with self._writing():
+            atomic_write_json(self.path / CONFIG, config)
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         """Write ``metrics.json``; its ``status`` must be one of :data:`STATUSES`."""
         if metrics.get("status") not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {metrics.get('status')!r}")
-        atomic_write_json(self.path / METRICS, metrics)
+        with self._writing():
+            atomic_write_json(self.path / METRICS, metrics)
 
-    def record(self, status: str, epochs: list[Any], message: str = "", title: str = "") -> None:
+    def record(
+        self,
+        status: str,
+        epochs: list[Any],
+        message: str = "",
+        title: str = "",
+        warning: str = "",
+    ) -> None:
         """Write ``metrics.json`` with ``status``, ``message`` and the metrics of the finished
-        ``epochs`` (objects with ``as_dict()``), and the curves when there is an epoch."""
+        ``epochs`` (objects with ``as_dict()``), and the curves when there is an epoch.
+
+        ``warning``, when given, is written as the field ``warning``: a run that finished but
+        whose result should not be read as a normal one (e.g. accuracy at chance level)."""
         rows = [epoch.as_dict() for epoch in epochs]
-        self.write_metrics({"status": status, "message": message, "epochs": rows})
+        metrics: dict[str, Any] = {"status": status, "message": message}
+        if warning:
+            metrics["warning"] = warning
+        self.write_metrics({**metrics, "epochs": rows})
         if rows:
             self.plot_curves(rows, title)
 
@@ -184,7 +220,8 @@ class RunDirectory:
         """Write the model's ``state_dict`` to ``model.pt``."""
         buffer = io.BytesIO()
         torch.save(model.state_dict(), buffer)
-        atomic_write_bytes(self.path / WEIGHTS, buffer.getvalue())
+        with self._writing():
+            atomic_write_bytes(self.path / WEIGHTS, buffer.getvalue())
 
     def plot_curves(self, epochs: list[dict[str, Any]], title: str) -> None:
         """Train loss, train accuracy and test accuracy per epoch, like the book's figure."""
@@ -207,4 +244,17 @@ class RunDirectory:
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png")
         plt.close(figure)
-        atomic_write_bytes(self.path / CURVES, buffer.getvalue())
+        with self._writing():
+            atomic_write_bytes(self.path / CURVES, buffer.getvalue())
+
+    def record_failed_write(
+        self, error: RunFilesError, epochs: Sequence[Any] = (), title: str = ""
+    ) -> RunFilesError:
+        """After ``error`` (a file of this run could not be written), record the run as
+        ``failed`` if ``metrics.json`` can still be written; returns the error to raise: ``error``
+        itself, or one that also names the file that could not be written then."""
+        try:
+            self.record("failed", list(epochs), str(error), title)
+        except RunFilesError as second:
+            return RunFilesError(f"{error}; then {second}", self.path)
+        return error

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,10 +21,14 @@ from tqdm import tqdm
 from normzoo.base import cumulative_running_stats, reestimable_norms
 from normzoo.errors import NormzooError, first_line
 from normzoo.harness.group import current
+from normzoo.testing import run_with_timeout
 from normzoo.workloads.data import Dataset, Split
 from normzoo.workloads.slots import norm_modules
 
 EVAL_BATCH = 2048
+#: Seconds the trial batch may take before a norm is taken to block (a first call of a norm
+#: that compiles, such as pit's numba loops, takes seconds); ``NORMZOO_PROBE_TIMEOUT`` overrides.
+PROBE_TIMEOUT = float(os.environ.get("NORMZOO_PROBE_TIMEOUT", 300))
 #: On an accelerator, the loss is read (a host sync) every this many batches and at the last.
 SYNC_EVERY = 32
 
@@ -119,6 +124,66 @@ def _forked_rng(device: torch.device) -> Iterator[None]:
         yield
 
 
+#: Examples run alone through the model in eval mode by the trial batch, to check that a norm's
+#: eval-mode output for them does not depend on the rest of the batch.
+PROBE_EXAMPLES = 4
+#: Relative tolerance of the trial batch's comparisons in float32 (kernels for different batch
+#: sizes round differently, by about 1e-6); scaled up for lower precisions.
+PROBE_RTOL = 1e-4
+
+
+def _probe_tolerance(dtype: torch.dtype) -> float:
+    return max(PROBE_RTOL, 50 * torch.finfo(dtype).eps) if dtype.is_floating_point else 0.0
+
+
+def _relative_difference(first: torch.Tensor, second: torch.Tensor) -> float:
+    """``max |first - second|`` relative to the larger magnitude of the two (0 if both 0)."""
+    first, second = first.detach().double(), second.detach().double()
+    scale = max(float(first.abs().max()), float(second.abs().max()), 1e-12)
+    return float((first - second).abs().max()) / scale
+
+
+def _plain_state(module: nn.Module) -> dict[str, list[torch.Tensor]]:
+    """The tensors a module holds as plain attributes (not parameters, buffers or submodules),
+    alone or in lists, tuples and dicts: the state its ``state_dict`` does not save."""
+    found: dict[str, list[torch.Tensor]] = {}
+    for key, value in vars(module).items():
+        if key.startswith("_"):
+            continue
+        if isinstance(value, torch.Tensor):
+            found[key] = [value]
+        elif isinstance(value, (list, tuple, dict)):
+            items = value.values() if isinstance(value, dict) else value
+            tensors = [item for item in items if isinstance(item, torch.Tensor)]
+            if tensors or not value:  # an empty list may be filled by training
+                found[key] = tensors
+    return found
+
+
+def _saved_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Copies of what a module's ``state_dict`` saves by default: its parameters and
+    persistent buffers (read without calling ``state_dict``, which a plugin may override)."""
+    tensors = [parameter.detach().clone() for parameter in module.parameters()]
+    for owner in module.modules():
+        for name, buffer in owner.named_buffers(recurse=False):
+            if buffer is not None and name not in owner._non_persistent_buffers_set:
+                tensors.append(buffer.detach().clone())
+    return tensors
+
+
+def _same_tensors(before: list[torch.Tensor], after: list[torch.Tensor]) -> bool:
+    return not _plain_state_changed(before, after)
+
+
+def _plain_state_changed(before: list[torch.Tensor], after: list[torch.Tensor]) -> bool:
+    if len(before) != len(after):
+        return True
+    return any(
+        first.shape != second.shape or not torch.equal(first.detach(), second.detach())
+        for first, second in zip(before, after, strict=True)
+    )
+
+
 def probe_norms(model: nn.Module, split: Split, batch_size: int, label: str) -> None:
     """Run one training batch through a copy of ``model`` and check every norm on the way.
 
@@ -131,6 +196,19 @@ def probe_norms(model: nn.Module, split: Split, batch_size: int, label: str) -> 
     :func:`~normzoo.workloads.slots.norm_modules`) check that each returns a tensor of its
     input's shape; the batch runs forward and backward in train mode, then forward in eval
     mode. ``model`` itself, and the global random number generators, are left untouched.
+
+    Two mistakes that would otherwise finish a run without a word are caught too:
+
+    - a norm whose eval-mode output for an example depends on the other examples of the batch
+      (it ignores ``training`` and uses batch statistics at test time): the first
+      :data:`PROBE_EXAMPLES` examples run again alone, and each norm's output for them must
+      match its output within the whole batch;
+    - a norm that keeps its running statistics outside its ``state_dict`` (a plain list or
+      tensor attribute), which ``model.pt`` would not save: tensors held as plain attributes
+      must not change in the training step, and a fresh copy of the model given the trained
+      copy's ``state_dict`` (what loading ``model.pt`` does) must give the same eval outputs.
+
+    Both cost a forward pass of a few examples (and a copy of the model).
     """
     try:
         trial = copy.deepcopy(model)
@@ -140,8 +218,12 @@ def probe_norms(model: nn.Module, split: Split, batch_size: int, label: str) -> 
             f"({type(error).__name__}: {first_line(error)})"
         ) from error
     images, labels = split.images[:batch_size], split.labels[:batch_size]
+    alone = min(PROBE_EXAMPLES, len(images) - 1)  # 0: a batch of 1 cannot be compared
     # the norms being run, innermost last: name, input shape, whether the input was finite
     running: list[tuple[str, tuple[int, ...], bool]] = []
+    # while set, each norm's (input, output) for the first `alone` examples, by module, in
+    # call order
+    captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     def before(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple) -> None:
@@ -171,24 +253,136 @@ def probe_norms(model: nn.Module, split: Split, batch_size: int, label: str) -> 
                     f"finite input {shape} in {mode} mode, before any training step (a "
                     "smaller --lr cannot help: the norm's computation is at fault)"
                 )
+            if captured is not None and output.dim() > 0 and isinstance(args[0], torch.Tensor):
+                pair = (args[0][:alone].detach().clone(), output[:alone].detach().clone())
+                captured.setdefault(name, []).append(pair)
 
         return hook
 
-    for name, module in norm_modules(trial):
-        module.register_forward_pre_hook(before(name))
-        module.register_forward_hook(after(name))
+    def hooked(network: nn.Module) -> list[tuple[str, nn.Module]]:
+        norms = norm_modules(network)
+        for name, module in norms:
+            module.register_forward_pre_hook(before(name))
+            module.register_forward_hook(after(name))
+        return norms
+
+    def differ(first: torch.Tensor, second: torch.Tensor) -> float:
+        """Their relative difference when beyond the tolerance, else 0."""
+        if first.shape != second.shape:
+            return math.inf
+        difference = _relative_difference(first, second)
+        return difference if difference > _probe_tolerance(first.dtype) else 0.0
+
+    def first_difference(
+        expected: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
+        got: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
+        same_input: bool = False,
+        among: set[str] | None = None,
+    ) -> tuple[str, float] | None:
+        """The first norm (in call order; of ``among``) whose outputs differ beyond the
+        tolerance (for ``same_input``: where its input did not)."""
+        for name, pairs in expected.items():
+            if among is not None and name not in among:
+                continue
+            for (input1, output1), (input2, output2) in zip(pairs, got.get(name, []), strict=False):
+                if same_input and differ(input1, input2):
+                    continue
+                difference = differ(output1, output2)
+                if difference:
+                    return name, difference
+        return None
+
+    def eval_pass(network: nn.Module, batch: torch.Tensor) -> dict:
+        nonlocal captured
+        network.eval()
+        captured = {}
+        try:
+            with torch.no_grad():
+                network(batch)
+            return captured
+        finally:
+            captured = None
+
+    norms = hooked(trial)
     mode = "train"
     step = "forward"
     try:
-        with _forked_rng(images.device):
+
+        def trial_batch() -> None:
+            nonlocal mode, step
+            before_step: dict | None = None
+            saved_before = {name: _saved_tensors(module) for name, module in norms}
+            if alone and norms:  # eval outputs before training, for the comparison below
+                mode = "eval"
+                try:
+                    before_step = eval_pass(trial, images[:alone])
+                except Exception:  # untrained statistics may not work yet: no comparison
+                    running.clear()
+                mode = "train"
+            plain_before = {  # after that eval pass, which may fill caches
+                name: {
+                    key: [tensor.detach().clone() for tensor in tensors]
+                    for key, tensors in _plain_state(module).items()
+                }
+                for name, module in norms
+            }
             trial.train()
             loss = nn.functional.cross_entropy(trial(images), labels)
             step = "backward"
             loss.backward()
+            for name, module in norms:  # before any eval pass, which may fill caches
+                state = _plain_state(module)
+                original = plain_before[name]
+                for key in sorted(state):
+                    if _plain_state_changed(original.get(key, []), state[key]):
+                        raise NormProbeError(
+                            f"norm {label!r} (module {name!r}) keeps running statistics "
+                            f"outside its state_dict: its plain attribute {key!r} changed in a "
+                            "training step, and model.pt would not save it; register them as "
+                            "buffers (self.register_buffer)"
+                        )
             mode, step = "eval", "forward"
-            trial.eval()
-            with torch.no_grad():
-                trial(images)
+            in_batch = eval_pass(trial, images)
+            if alone and norms:
+                step = f"forward of {alone} examples alone"
+                by_themselves = eval_pass(trial, images[:alone])
+                found = first_difference(in_batch, by_themselves)
+                if found is not None:
+                    name, difference = found
+                    raise NormProbeError(
+                        f"norm {label!r} (module {name!r}) in eval mode gives the first "
+                        f"{alone} examples outputs that depend on the other examples of the "
+                        f"batch (relative difference {difference:.2g} between a batch of "
+                        f"{len(images)} and those {alone} alone); in eval mode a norm must "
+                        "use its running statistics, not the batch's (does its forward "
+                        "ignore self.training?)"
+                    )
+                # eval behaviour changed by the training step, with nothing saved changed
+                unsaved = {
+                    name
+                    for name, module in norms
+                    if _same_tensors(saved_before[name], _saved_tensors(module))
+                }
+                found = None
+                if before_step is not None:
+                    found = first_difference(before_step, by_themselves, True, unsaved)
+                if found is not None:
+                    name, difference = found
+                    raise NormProbeError(
+                        f"norm {label!r} (module {name!r}) keeps running statistics outside "
+                        "its state_dict: a training step changed its eval-mode output (relative "
+                        f"difference {difference:.2g}) but none of its parameters or buffers, "
+                        "so model.pt would not save what changed; register them as buffers "
+                        "(self.register_buffer)"
+                    )
+
+        with _forked_rng(images.device):
+            run_with_timeout(
+                trial_batch, PROBE_TIMEOUT, f"the trial batch of norm {label!r}",
+                error=lambda text: NormProbeError(
+                    f"{text}; does a norm's forward block? (NORMZOO_PROBE_TIMEOUT sets the limit)"
+                ),
+            )  # fmt: skip
     except NormProbeError:
         raise
     except Exception as error:

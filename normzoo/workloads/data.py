@@ -133,8 +133,8 @@ def find_idx_file(directory: Path, stem: str) -> Path:
 
 def _read_split(directory: Path, split: str) -> Split:
     """Read and check one split; the bundled workloads' layer sizes assume 28x28, so other
-    sizes are errors here rather than a shape mismatch deep inside the model, and an empty file would make
-    every accuracy a meaningless 0."""
+    sizes are errors here rather than a shape mismatch deep inside the model, and an empty
+    file would make every accuracy a meaningless 0."""
     image_path, label_path = (find_idx_file(directory, stem) for stem in FILES[split])
     images = read_idx(image_path, ndim=3)
     labels = read_idx(label_path, ndim=1)

@@ -291,6 +291,12 @@ class PIT(NormBase):
 OPTIONS = (
     Option("num_knots", int, 64, "knots of the piecewise-linear distribution function", 2, 1024),
     Option("sample_size", int, 4096, "most values per channel sorted for the knots", 64),
+    # delta's range follows from z(p) = Phi^-1(clip(p, delta, 1 - delta)), computed in float32:
+    # below ~6e-8 (float32's spacing under 1) 1 - delta rounds to 1 and the upper tail maps to
+    # inf, so the minimum 1e-6 keeps both tails finite (|y| <= Phi^-1(1 - 1e-6) = 4.75) with a
+    # margin. The maximum 0.25 is the largest clip the train rule max(delta, 1/(2n)) reaches
+    # itself (n = 2 values per channel); beyond it the clip maps more than half of the values
+    # onto +-0.67, and at 0.5 the range [delta, 1 - delta] is empty.
     Option("delta", float, 1e-6, "clip F to [delta, 1-delta]; train: >= 1/(2n)", 1e-6, 0.25),
     MOMENTUM,
     AFFINE,
