@@ -171,11 +171,6 @@ def _on_processes(
     history: list[EpochMetrics] = []
     end: tuple[str, str, bytes, str] | None = None
     messages = mp.get_context("spawn").SimpleQueue()
-    context = mp.spawn(
-        _worker,
-        args=(config, _free_port(), threads, directory.path, progress, messages),
-        nprocs=config.nproc, join=False,
-    )  # fmt: skip
 
     def receive() -> None:
         nonlocal end
@@ -188,7 +183,13 @@ def _on_processes(
                 end = message
 
     failure = None
-    with _stops_forwarded(context.processes) as stops:
+    with _stops_forwarded() as stops:  # before the processes start: none may be orphaned
+        context = mp.spawn(
+            _worker,
+            args=(config, _free_port(), threads, directory.path, progress, messages),
+            nprocs=config.nproc, join=False,
+        )  # fmt: skip
+        stops.forward_to(context.processes)
         try:
             while not context.join(timeout=0.2):
                 receive()
@@ -286,10 +287,17 @@ def _worker(
 class _Stops:
     """The signals the launcher received, and what it did to its processes about them."""
 
-    def __init__(self, processes: list[Any]) -> None:
-        self.processes = processes
+    def __init__(self) -> None:
+        self.processes: list[Any] = []
         self.received: list[int] = []
         self.first_at: float | None = None
+
+    def forward_to(self, processes: list[Any]) -> None:
+        """Stop signals reach ``processes`` from now on; one that arrived while they were
+        starting is passed on at once."""
+        self.processes = processes
+        if self.received:
+            self._signal_all(signal.SIGTERM)
 
     def _signal_all(self, number: int) -> None:
         for process in self.processes:
@@ -315,12 +323,12 @@ class _Stops:
 
 
 @contextmanager
-def _stops_forwarded(processes: list[Any]) -> Iterator[_Stops]:
+def _stops_forwarded() -> Iterator[_Stops]:
     """While the processes run, Ctrl-C or SIGTERM to the launcher stops them all.
 
     Without this, SIGTERM killed the launcher alone and its processes trained on as orphans,
     and finished a run the user had stopped.
     """
-    stops = _Stops(processes)
+    stops = _Stops()
     with signals_handled(stops.handle):
         yield stops
