@@ -7,7 +7,10 @@ line that names the bad value and the way out; the command line prints it as it 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class NormzooError(ValueError):
@@ -78,3 +81,22 @@ def first_line(error: BaseException) -> str:
     error is one, and the full text stays on the chained ``__cause__``."""
     lines = str(error).strip().splitlines()
     return lines[0].strip() if lines else ""
+
+
+def describe(error: BaseException) -> str:
+    """``Type: first line of the message``, an exception in one line."""
+    return f"{type(error).__name__}: {first_line(error)}".rstrip(": ")
+
+
+def call_plugin(
+    function: Callable[..., T], failure: Callable[[str], NormzooError], *args: Any, **kwargs: Any
+) -> T:
+    """``function(*args, **kwargs)``, a plugin's code: its own :class:`NormzooError` passes as
+    it is (already one line), any other exception becomes ``failure(describe(error))`` with
+    the original as ``__cause__``, so a plugin's bug is one line naming the plugin."""
+    try:
+        return function(*args, **kwargs)
+    except NormzooError:
+        raise
+    except Exception as error:
+        raise failure(describe(error)) from error

@@ -49,6 +49,8 @@ from normzoo.errors import (
     NormzooError,
     UnknownNormError,
     UnknownWorkloadError,
+    call_plugin,
+    describe,
     suggest,
 )
 from normzoo.interface import FALSE_WORDS, TRUE_WORDS, NormInfo, WorkloadInfo
@@ -249,7 +251,7 @@ class Registry:
             try:
                 plugin = entry_point.load()
             except (Exception, SystemExit) as error:  # a broken plugin must not take others down
-                message = f"import of {entry_point.value!r} failed: {_describe(error)}"
+                message = f"import of {entry_point.value!r} failed: {describe(error)}"
                 self._fail(record, message, error, strict=strict)
                 continue
             self._add_plugin(plugin, record, isolate=True, strict=strict)
@@ -288,7 +290,7 @@ class Registry:
         except Exception as error:
             if not isolate:
                 raise
-            self._fail(record, _describe(error), error, strict=strict)
+            self._fail(record, describe(error), error, strict=strict)
             return
         try:
             self._check_hooks(plugin, record.name)
@@ -312,7 +314,7 @@ class Registry:
                 if isinstance(error, _PluginFailure):
                     raise NormzooError(f"plugin {record.name!r}: {error}") from None
                 raise
-            message = str(error) if isinstance(error, _PluginFailure) else _describe(error)
+            message = str(error) if isinstance(error, _PluginFailure) else describe(error)
             self._fail(record, message, error, strict=strict)
             return
         for norm in norms:
@@ -496,15 +498,14 @@ class Registry:
         resolved = norm.resolve_options(options)
         norm.check_options(resolved, num_features)
         where = f"norm {name!r} (plugin {norm.plugin!r})"
-        try:
-            module = norm.factory(num_features, layout_name, **resolved)
-        except NormzooError:
-            raise
-        except Exception as error:
-            raise NormBuildError(
+        module = call_plugin(
+            norm.factory,
+            lambda text: NormBuildError(
                 f"{where} failed to build for {num_features} features, layout {layout_name!r}: "
-                f"{_describe(error)}"
-            ) from error
+                f"{text}"
+            ),
+            num_features, layout_name, **resolved,
+        )  # fmt: skip
         if not isinstance(module, nn.Module):
             raise NormBuildError(
                 f"{where}: its factory returned {type(module).__name__}, not a torch.nn.Module"
@@ -525,11 +526,6 @@ def _load_order(entry_point: metadata.EntryPoint) -> tuple[bool, str, str]:
     """Bundled plugins first, so a third party cannot take a bundled norm's name."""
     distribution = _distribution_name(entry_point)
     return (distribution != BUILTIN_DISTRIBUTION, distribution, entry_point.name)
-
-
-def _describe(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def _plugin_location(record: PluginRecord, error: BaseException | None) -> tuple[str, int]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,17 +20,9 @@ from normzoo.cli import main
 from normzoo.compare import CompareConfig, check, compare
 from normzoo.compare.page import BEGIN, END, MAX_SEEDS, MAX_VARIANTS, PageError, parse_page
 
+from .test_compare import write_page
+
 QUIET = CompareConfig(progress=False)
-
-
-def write_page(directory: Path, block: str, name: str = "page.md") -> Path:
-    """A page whose experiment block opens on line 5, with the markers below it."""
-    page = directory / name
-    page.write_text(
-        f"# A page\n\nWritten by hand.\n\n```normzoo\n{textwrap.dedent(block)}```\n\n"
-        f"{BEGIN}\n{END}\n"
-    )
-    return page
 
 
 @pytest.fixture

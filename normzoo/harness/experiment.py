@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import normzoo
-from normzoo.errors import NormzooError, first_line
+from normzoo.errors import NormzooError, describe
 from normzoo.harness.config import RunConfig
 from normzoo.harness.group import current
 from normzoo.harness.interrupts import (
@@ -220,7 +220,7 @@ def run_experiment(
         if isinstance(error, NormzooError):
             message = str(error)
         else:
-            message = f"{type(error).__name__}: {first_line(error)}".rstrip(": ")
+            message = describe(error)
         unwritten = record_final("failed", message)
         if isinstance(error, RunFilesError) and directory is not None:
             # a full disk: say which files could not be written, metrics.json included

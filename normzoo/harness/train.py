@@ -19,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from normzoo.base import cumulative_running_stats, reestimable_norms
-from normzoo.errors import NormzooError, first_line
+from normzoo.errors import NormzooError, describe
 from normzoo.harness.group import current
 from normzoo.testing import run_with_timeout
 from normzoo.workloads.data import Dataset, Split
@@ -214,8 +214,7 @@ def probe_norms(model: nn.Module, split: Split, batch_size: int, label: str) -> 
         trial = copy.deepcopy(model)
     except Exception as error:
         raise NormProbeError(
-            f"norm {label!r}: the model cannot be copied for a trial batch "
-            f"({type(error).__name__}: {first_line(error)})"
+            f"norm {label!r}: the model cannot be copied for a trial batch ({describe(error)})"
         ) from error
     images, labels = split.images[:batch_size], split.labels[:batch_size]
     alone = min(PROBE_EXAMPLES, len(images) - 1)  # 0: a batch of 1 cannot be compared
@@ -388,7 +387,7 @@ def probe_norms(model: nn.Module, split: Split, batch_size: int, label: str) -> 
     except Exception as error:
         detail = (
             str(error).strip() if isinstance(error, NormzooError) else
-            f"{type(error).__name__}: {first_line(error)}"
+            f"{describe(error)}"
         )  # fmt: skip
         if running:
             name, shape, _ = running[-1]
@@ -508,8 +507,7 @@ def train(
             raise
         except Exception as error:
             raise TrainingFailed(
-                f"training with norm {label!r} failed in epoch {epoch}: "
-                f"{type(error).__name__}: {first_line(error)}"
+                f"training with norm {label!r} failed in epoch {epoch}: {describe(error)}"
             ) from error
         history.append(metrics)
         on_epoch(metrics)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from normzoo import registry
-from normzoo.errors import NormzooError, first_line
+from normzoo.errors import NormzooError, call_plugin
 
 CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -218,14 +218,11 @@ def load_workload_data(workload: str, data_dir: Path | str | None, download: boo
     :class:`DataError` naming the workload and its plugin."""
     declared = registry.workload(workload)
     where = f"workload {declared.name!r} (plugin {declared.plugin!r})"
-    try:
-        data = declared.data(data_dir, download)
-    except NormzooError:
-        raise
-    except Exception as error:
-        raise DataError(
-            f"{where}: its data function raised {type(error).__name__}: {first_line(error)}"
-        ) from error
+    data = call_plugin(
+        declared.data,
+        lambda text: DataError(f"{where}: its data function raised {text}"),
+        data_dir, download,
+    )  # fmt: skip
     if not isinstance(data, Dataset):
         raise DataError(
             f"{where}: its data function returned {type(data).__name__}, not a "

@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from normzoo import registry
-from normzoo.errors import NormzooError, OptionError, first_line, suggest
+from normzoo.errors import NormzooError, OptionError, call_plugin, suggest
 from normzoo.interface import NormInfo, Slot, WorkloadInfo
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}
@@ -268,15 +268,10 @@ def build_model(settings: ModelSettings) -> nn.Module:
     selects; every setting is checked first (:func:`check_model_settings`)."""
     workload = check_model_settings(settings)
     slots = NormSlots(workload, settings)
-    try:
-        model = workload.factory(slots)
-    except NormzooError:
-        raise
-    except Exception as error:
-        raise NormzooError(
-            f"workload {workload.name!r} (plugin {workload.plugin!r}): its factory raised "
-            f"{type(error).__name__}: {first_line(error)}"
-        ) from error
+    where = f"workload {workload.name!r} (plugin {workload.plugin!r})"
+    model = call_plugin(
+        workload.factory, lambda text: NormzooError(f"{where}: its factory raised {text}"), slots
+    )
     if not isinstance(model, nn.Module):
         raise NormzooError(
             f"workload {workload.name!r}: its factory returned {type(model).__name__}, not a "
