@@ -43,6 +43,7 @@ FLOORS: dict[str, int] = {
     "normzoo.compare.*": 10,
     "normzoo.cli": 11,
     "normzoo.__main__": 11,
+    "normzoo_command": 11,
 }
 
 # The core: what a norm and its registry are made of.
@@ -65,12 +66,16 @@ PROGRAMS: tuple[str, ...] = (
     "normzoo.compare",
     "normzoo.cli",
     "normzoo.__main__",
+    "normzoo_command",
 )
 
 PLUGINS = "normzoo_plugins"
 
 # The folder each scanned top-level package is read from (pyproject.toml's package-dir).
 SOURCE_FOLDERS: dict[str, str] = {"normzoo": "normzoo", PLUGINS: "plugins"}
+
+# The file each scanned top-level module is read from (pyproject.toml's py-modules).
+SOURCE_FILES: dict[str, str] = {"normzoo_command": "normzoo_command.py"}
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -103,6 +108,9 @@ def find_modules(root: Path) -> dict[str, Path]:
             if parts[-1] == "__init__":
                 parts.pop()
             modules[".".join(parts)] = path
+    for module, file in SOURCE_FILES.items():
+        if (root / file).exists():
+            modules[module] = root / file
     return modules
 
 

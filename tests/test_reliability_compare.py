@@ -256,3 +256,49 @@ def test_ctrl_c_while_starting_up_is_one_line_and_130(tmp_path, entry):
         process.kill()
     assert process.returncode == 130, err
     assert err.strip().splitlines() == ["normzoo: interrupted"]
+
+
+# Stops the first import of torch (which ``import normzoo`` makes before any normzoo code runs)
+# until a signal comes: Python runs a sitecustomize module found on PYTHONPATH at start-up.
+SLOW_TORCH = """
+import os
+import sys
+import time
+from pathlib import Path
+
+
+class SlowTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            Path(os.environ["NORMZOO_TEST_MARKER"]).write_text("importing torch")
+            time.sleep(60)
+        return None
+
+
+sys.meta_path.insert(0, SlowTorch())
+"""
+
+
+def test_ctrl_c_while_the_script_imports_torch_is_one_line_and_130(tmp_path):
+    """The ``normzoo`` script: an interrupt while ``import normzoo`` imports torch."""
+    script = Path(sys.executable).parent / "normzoo"
+    if not script.exists():
+        pytest.skip("the normzoo script is not installed beside this Python")
+    (tmp_path / "sitecustomize.py").write_text(SLOW_TORCH)
+    marker = tmp_path / "marker"
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path, NORMZOO_TEST_MARKER=str(marker))
+    process = subprocess.Popen([str(script), "list"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert err.strip().splitlines() == ["normzoo: interrupted"]

@@ -268,14 +268,10 @@ def check(paths: Sequence[Path | str]) -> list[str]:
     Renders every page from its stored results only, never trains. A problem is a page that
     cannot be parsed, names an unknown norm or option, misses a run, has a result file that is
     not its run's or lacks a field (:meth:`~normzoo.compare.cache.ResultStore.load`), lacks a
-    plot or has a plot that another page drew, shares a plot file with another of the pages,
-    or whose generated section differs from what its stored results give (the first differing
-    line); also a ``normzoo bench`` section that differs from its stored measurement
-    (:func:`normzoo.bench.page.check`).
-
-    A plot drawn before plots recorded their page (:func:`~normzoo.compare.render.plot_owner`
-    is ``None``) is taken as its page's: another page that writes the same file is caught
-    when both are checked together, or once it has drawn its own plot there.
+    plot or has a plot that does not record this page as the one it was drawn for, shares a
+    plot file with another of the pages, or whose generated section differs from what its
+    stored results give (the first differing line); also a ``normzoo bench`` section that
+    differs from its stored measurement (:func:`normzoo.bench.page.check`).
     """
     problems = bench_page.check(list(paths))
     pages = find_pages(list(paths))

@@ -86,9 +86,9 @@ def _shared_line(page: Page, path: Path, other: Path) -> str:
 
 
 def plot_owner(path: Path) -> Path | None:
-    """The page that the plot at ``path`` was drawn for, as it records it; ``None`` for a plot
-    that does not record it (drawn before plots recorded their page). :class:`NormzooError`
-    for a file that is not a readable PNG."""
+    """The page that the plot at ``path`` was drawn for, as it records it; ``None`` for a PNG
+    that does not record it (not drawn by ``normzoo compare``). :class:`NormzooError` for a
+    file that is not a readable PNG."""
     from PIL import Image
 
     try:
@@ -100,14 +100,19 @@ def plot_owner(path: Path) -> Path | None:
 
 
 def plot_problem(page: Page, plot: Path) -> str | None:
-    """A line if the plot file ``plot`` of ``page`` is not the page's own: not a readable PNG,
-    or drawn for another page; ``None`` when it is, or when it does not say (drawn before
-    plots recorded their page)."""
+    """A line if the plot file ``plot`` of ``page`` is not known to be the page's own: not a
+    readable PNG, drawn for another page, or not saying for which (not drawn by normzoo
+    compare); ``None`` when it is the page's."""
     try:
         owner = plot_owner(plot)
     except NormzooError as error:
         return f"{page.where()}: {error}; run normzoo compare {page.path}"
-    if owner is None or _same_file(owner, page.path):
+    if owner is None:
+        return (
+            f"{page.where()}: plot {plot} does not record the page it was drawn for (not "
+            f"drawn by normzoo compare); run normzoo compare {page.path}"
+        )
+    if _same_file(owner, page.path):
         return None
     return (
         f"{page.where()}: plot {plot} was written by {owner}, not by this page; run normzoo "

@@ -25,12 +25,12 @@ DEVICES = "auto, cpu, cuda or cuda:N"
 #: Seconds a collective waits for the other processes before the run fails
 #: (``NORMZOO_DIST_TIMEOUT`` overrides).
 TIMEOUT = 120
-#: Memory one process of a ``--nproc`` run takes, in bytes: about 1 GiB, measured as the
-#: resident size of a LeNet worker on a CPU (the torch and Python runtime, the whole
-#: Fashion-MNIST training set as float32 tensors, the model and its gradients), which is most
-#: of it whatever the workload; the launcher refuses more processes than fit in the memory
-#: available.
-PROCESS_MEMORY = 1 << 30
+#: Memory one worker of a ``--nproc`` run takes, in bytes: the peak resident size of a LeNet
+#: worker on a CPU (the torch and Python runtime, the whole Fashion-MNIST training set as
+#: float32 tensors, the model and its gradients), with a margin; docs/performance.md has the
+#: measurement. The launcher, already running, is not counted: it refuses more workers than
+#: fit in the memory available when they start.
+PROCESS_MEMORY = 5 << 28
 
 
 @dataclass(frozen=True)
