@@ -411,7 +411,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from normzoo.harness.launch import launch
-    from normzoo.harness.train import EpochMetrics
+    from normzoo.harness.train import EpochMetrics, accuracy_label
 
     settings = {spec.name: getattr(args, spec.name) for spec in fields(RunConfig)}
     config = RunConfig(**{**settings, "norm_options": dict(args.norm_options)})
@@ -427,7 +427,7 @@ def _run(args: argparse.Namespace) -> int:
 
     def report(metrics: EpochMetrics) -> None:
         if main_process:
-            print(metrics.summary(), flush=True)
+            print(metrics.summary(config.evaluated_on), flush=True)
 
     from normzoo.harness.runs import RunFilesError
 
@@ -456,9 +456,9 @@ def _run(args: argparse.Namespace) -> int:
     last = result.epochs[-1]
     speed = sum(m.examples_per_sec for m in result.epochs) / len(result.epochs)
     print(
-        f"done: norm {config.norm}, test acc {last.test_acc:.3f} "
-        f"(best {max(m.test_acc for m in result.epochs):.3f}), train loss {last.train_loss:.3f}, "
-        f"{speed:,.0f} examples/s on average\nresults: {result.directory.path}"
+        f"done: norm {config.norm}, {accuracy_label(config.evaluated_on)} {last.test_acc:.3f}, "
+        f"train loss {last.train_loss:.3f}, {speed:,.0f} examples/s on average\nresults: "
+        f"{result.directory.path}"
     )
     if result.warning:
         print(f"warning: {result.warning}", flush=True)

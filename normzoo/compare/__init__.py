@@ -37,9 +37,20 @@ from normzoo.compare.render import (
     shared_plots,
 )
 from normzoo.compare.summary import VariantSummary, summarize
+from normzoo.compare.tune import (
+    Trial,
+    Tuning,
+    describe,
+    render_tuning,
+    trial_variant,
+    trials,
+    tuned_variants,
+    tuning,
+)
 from normzoo.errors import NormzooError
 from normzoo.harness.interrupts import stops_interrupt
 from normzoo.harness.runs import atomic_write_bytes
+from normzoo.harness.train import accuracy_label
 from normzoo.workloads.slots import check_model_settings
 
 __all__ = ["CompareConfig", "PageError", "check", "compare", "parse_shard"]
@@ -77,35 +88,81 @@ class _PlannedRun:
     variant: Variant
     seed: int
     pending: PendingRun
+    #: The tuning trial the run is, for a trial of a tuned page.
+    trial: Trial | None = None
+
+
+def _pending(page: Page, variant: Variant, seed: int, label: str, smoke_dir: Path | None
+             ) -> PendingRun:  # fmt: skip
+    """The run of ``variant`` with ``seed``, with its key; a setting no run could use is a
+    :class:`PageError` naming the page's experiment block."""
+    try:
+        config = variant.config(seed)
+        if smoke_dir:
+            config = replace(
+                config, epochs=1, precise_stats=min(config.precise_stats, 2),
+                train_subset=SMOKE_EXAMPLES, test_subset=SMOKE_EXAMPLES,
+            )  # fmt: skip
+        config.validate()
+        key = run_key(resolved_config(config))
+    except (NormzooError, TypeError) as error:
+        raise PageError(f"{page.where()}: variant {variant.label!r}: {error}") from None
+    return PendingRun(label, config, key, smoke_dir or page.results_dir)
+
+
+def _check_variants(page: Page) -> None:
+    """A setting or option that no run could use fails here, before any training."""
+    for variant in page.variants:
+        try:
+            check_model_settings(variant.config((variant.seeds or page.seeds)[0]))
+        except (NormzooError, TypeError) as error:
+            raise PageError(f"{page.where()}: variant {variant.label!r}: {error}") from None
 
 
 def _plan(page: Page, smoke_dir: Path | None = None) -> list[_PlannedRun]:
-    """Every (variant, seed) of ``page`` with its key; an unknown norm or option is a
-    :class:`PageError` naming the page's experiment block."""
+    """Every (variant, seed) that ``page`` reports, with its key (a tuned page's variants must
+    hold their choices: :func:`~normzoo.compare.tune.tuned_variants`)."""
+    _check_variants(page)
     planned = []
     for variant in page.variants:
         seeds = variant.seeds or page.seeds
-        seeds = seeds[:1] if smoke_dir else seeds
-        try:  # a setting or option that no run could use fails here, before any training
-            check_model_settings(variant.config(seeds[0]))
-        except (NormzooError, TypeError) as error:
-            raise PageError(f"{page.where()}: variant {variant.label!r}: {error}") from None
-        for seed in seeds:
-            try:
-                config = variant.config(seed)
-                if smoke_dir:
-                    config = replace(
-                        config, epochs=1, precise_stats=min(config.precise_stats, 2),
-                        train_subset=SMOKE_EXAMPLES, test_subset=SMOKE_EXAMPLES,
-                    )  # fmt: skip
-                config.validate()
-                key = run_key(resolved_config(config))
-            except (NormzooError, TypeError) as error:
-                raise PageError(f"{page.where()}: variant {variant.label!r}: {error}") from None
-            directory = smoke_dir or page.results_dir
-            planned.append(_PlannedRun(variant, seed, PendingRun(variant.label, config, key,
-                                                                 directory)))  # fmt: skip
+        for seed in seeds[:1] if smoke_dir else seeds:
+            pending = _pending(page, variant, seed, variant.label, smoke_dir)
+            planned.append(_PlannedRun(variant, seed, pending))
     return planned
+
+
+def _plan_trials(page: Page, smoke_dir: Path | None = None) -> list[_PlannedRun]:
+    """Every tuning trial of a tuned page (:func:`~normzoo.compare.tune.trials`)."""
+    assert page.tune is not None
+    _check_variants(page)
+    planned = []
+    for trial in trials(page):
+        variant = trial_variant(trial.variant, trial.values, page.tune)
+        pending = _pending(page, variant, trial.seed, trial.label, smoke_dir)
+        planned.append(_PlannedRun(variant, trial.seed, pending, trial))
+    return planned
+
+
+def _tunings(page: Page, planned: list[_PlannedRun]) -> tuple[list[Tuning] | None, int]:
+    """Each variant's tuning from the stored trials, or ``None`` and how many are missing."""
+    results: dict[tuple[str, str, int], dict[str, Any]] = {}
+    missing = 0
+    for run in planned:
+        assert run.trial is not None
+        result = ResultStore(run.pending.results_dir).load(
+            run.pending.key, resolved_config(run.pending.config)
+        )
+        if result is None:
+            missing += 1
+        else:
+            results[run.trial.variant.label, describe(run.trial.values), run.seed] = result
+    return (None, missing) if missing else (tuning(page, results), 0)
+
+
+def _reported(page: Page, tunings: list[Tuning] | None) -> Page:
+    """The page whose runs the table reports: a tuned page's variants with their choices."""
+    return page if tunings is None else replace(page, variants=tuned_variants(page, tunings))
 
 
 def _seed_major(plans: Iterable[list[_PlannedRun]]) -> list[PendingRun]:
@@ -168,44 +225,50 @@ def compare(
     smoke = partial(tempfile.TemporaryDirectory, prefix="normzoo-smoke-")
     with stops_interrupt(), (smoke if config.smoke else nullcontext)() as scratch:
         smoke_dir = Path(scratch) if scratch else None
-        plans = {page.path: _plan(page, smoke_dir) for page in pages}
-        unique: dict[tuple[Path, str], PendingRun] = {}
-        for run in _seed_major(plans[path] for path in sorted(plans)):
-            unique.setdefault((run.results_dir, run.key), run)
-        ordered = list(unique.values())
-        if config.shard:
-            i, k = config.shard
-            ordered = ordered[i - 1 :: k]
-        todo = [run for run in ordered if not ResultStore(run.results_dir).has(run.key)]
+        if config.smoke:  # one tuning seed, as one seed per variant
+            pages = [_smoke_page(page) for page in pages]
+        tuned = [page for page in pages if page.tune]
+        trial_plans = {page.path: _plan_trials(page, smoke_dir) for page in tuned}
+        plans = {page.path: _plan(page, smoke_dir) for page in pages if not page.tune}
+        # first the tuning trials and the runs of the pages that do not tune, then the runs
+        # that the tuned pages report, which their trials decide
+        together = {**trial_plans, **plans}  # a page is in one of the two
+        first = _unique(_seed_major(together[path] for path in sorted(together)), config.shard)
         if not config.smoke:  # a smoke test writes nothing beside the pages
-            # checked now, not when the first result or plot is stored after training
-            to_store = {run.results_dir for run in todo}
-            for page in pages:
-                check_writable(page, results=page.results_dir in to_store)
-                if not os.access(page.path, os.W_OK):  # rewritten once its runs are stored
-                    raise PageError(f"{page.path}: the page is not writable; make it writable "
-                                    "or run a copy")  # fmt: skip
-        jobs = max(1, min(config.jobs, len(todo)))
-        # torch's thread count honours OMP_NUM_THREADS; the jobs share it
-        threads = config.threads or max(1, torch.get_num_threads() // jobs)
-        say(
-            f"{counted(len(ordered), 'run')}: {len(ordered) - len(todo)} stored, {len(todo)} to "
-            f"run ({counted(jobs, 'process', 'processes')}, {counted(threads, 'thread')} each)"
-        )
-        failures = _run_with_progress(todo, jobs, threads, config.progress, say)
+            _check_writable(pages, first, tuned)
+        failures = _run_round(first, config, say, "tuning trials and runs" if tuned else "")
+        tunings: dict[Path, list[Tuning]] = {}
+        for page in tuned:
+            found, missing = _tunings(page, trial_plans[page.path])
+            if found is None:
+                say(f"{page.path}: {missing} tuning trials still missing; its reported runs "
+                    "wait for them")  # fmt: skip
+                continue
+            tunings[page.path] = found
+            plans[page.path] = _plan(_reported(page, found), smoke_dir)
+        if tunings:
+            second = _unique(_seed_major(plans[path] for path in sorted(tunings)), config.shard)
+            failures += _run_round(second, config, say, "runs of the tuned pages' choices")
         for page in pages:
-            summaries, missing = _summaries(page, plans[page.path])
+            if page.path not in plans:
+                continue
+            summaries, missing = _summaries(_reported(page, tunings.get(page.path)),
+                                            plans[page.path])  # fmt: skip
             if missing:
                 say(f"{page.path}: {missing} runs still missing; page not rewritten")
                 continue
-            section = render_section(page, summaries)
+            section = _render(page, summaries, tunings.get(page.path))
             if config.smoke:
-                say(f"{page.path}: smoke test passed ({len(plans[page.path])} runs)")
+                say(f"{page.path}: smoke test passed ({_run_count(page, plans, trial_plans)} "
+                    "runs)")  # fmt: skip
                 continue
-            render_plots(page, summaries)
+            render_plots(_reported(page, tunings.get(page.path)), summaries,
+                         tunings.get(page.path))  # fmt: skip
             # the page is read again: text edited while the runs went on stays as edited
             fresh = parse_page(page.path)
-            if fresh.variants != page.variants or fresh.seeds != page.seeds:
+            if fresh.variants != page.variants or fresh.seeds != page.seeds or (
+                fresh.tune != page.tune
+            ):
                 say(f"{page.path}: its experiment changed while running; run again")
             elif section != fresh.generated:
                 mode = stat.S_IMODE(os.stat(page.path).st_mode)
@@ -215,6 +278,64 @@ def compare(
             else:
                 say(f"{page.path}: up to date")
     return failures
+
+
+def _smoke_page(page: Page) -> Page:
+    """A tuned page as a smoke test runs it: the first tuning seed only."""
+    if page.tune is None:
+        return page
+    return replace(page, tune=replace(page.tune, seeds=page.tune.seeds[:1]))
+
+
+def _run_count(page: Page, plans: dict[Path, list[_PlannedRun]],
+               trial_plans: dict[Path, list[_PlannedRun]]) -> int:  # fmt: skip
+    return len(plans[page.path]) + len(trial_plans.get(page.path, []))
+
+
+def _unique(runs: list[PendingRun], shard: tuple[int, int] | None) -> list[PendingRun]:
+    """``runs`` with each (results folder, key) once, then the ``--shard`` slice of them."""
+    unique: dict[tuple[Path, str], PendingRun] = {}
+    for run in runs:
+        unique.setdefault((run.results_dir, run.key), run)
+    ordered = list(unique.values())
+    if shard:
+        i, k = shard
+        ordered = ordered[i - 1 :: k]
+    return ordered
+
+
+def _check_writable(pages: list[Page], runs: list[PendingRun], tuned: list[Page]) -> None:
+    """Checked now, not when the first result or plot is stored after training: every page
+    is rewritten once its runs are stored, and a tuned page stores more runs later."""
+    to_store = {run.results_dir for run in runs if not ResultStore(run.results_dir).has(run.key)}
+    to_store |= {page.results_dir for page in tuned}
+    for page in pages:
+        check_writable(page, results=page.results_dir in to_store)
+        if not os.access(page.path, os.W_OK):
+            raise PageError(f"{page.path}: the page is not writable; make it writable or run "
+                            "a copy")  # fmt: skip
+
+
+def _run_round(
+    ordered: list[PendingRun], config: CompareConfig, say: Callable[[str], None], what: str
+) -> int:
+    """Run those of ``ordered`` that are not stored yet; returns how many failed."""
+    todo = [run for run in ordered if not ResultStore(run.results_dir).has(run.key)]
+    jobs = max(1, min(config.jobs, len(todo)))
+    # torch's thread count honours OMP_NUM_THREADS; the jobs share it
+    threads = config.threads or max(1, torch.get_num_threads() // jobs)
+    say(
+        f"{what + ': ' if what else ''}{counted(len(ordered), 'run')}: "
+        f"{len(ordered) - len(todo)} stored, {len(todo)} to run "
+        f"({counted(jobs, 'process', 'processes')}, {counted(threads, 'thread')} each)"
+    )
+    return _run_with_progress(todo, jobs, threads, config.progress, say)
+
+
+def _render(page: Page, summaries: list[VariantSummary], tunings: list[Tuning] | None) -> str:
+    """The generated section: a tuned page's tuning first, then the table of what it reports."""
+    section = render_section(_reported(page, tunings), summaries)
+    return section if tunings is None else render_tuning(page, tunings) + section
 
 
 def _run_with_progress(
@@ -233,8 +354,9 @@ def _run_with_progress(
         else:
             stored += 1
             test = result["epochs"][-1]["test_acc"] if result["epochs"] else float("nan")
+            label = accuracy_label(run.config.evaluated_on)
             bar.set_postfix_str(f"{run.label} seed {run.config.seed}: {result['status']}, "
-                                f"test {test:.3f}")  # fmt: skip
+                                f"{label} {test:.3f}")  # fmt: skip
         bar.update(1)
 
     try:
@@ -281,14 +403,22 @@ def check(paths: Sequence[Path | str]) -> list[str]:
     for path in pages:
         try:
             page = parse_page(path)
-            parsed.append((page, _plan(page)))
+            parsed.append((page, _plan_trials(page) if page.tune else _plan(page)))
         except PageError as error:
             problems.append(str(error))
     problems += shared_plots([page for page, _ in parsed])
     plotted = [path.resolve() for page, _ in parsed for path in figure_paths(page).values()]
     for page, planned in parsed:
         try:
-            summaries, missing = _summaries(page, planned)
+            tunings = None
+            if page.tune:
+                tunings, missing = _tunings(page, planned)
+                if tunings is None:
+                    problems.append(f"{page.where()}: {missing} of {len(planned)} tuning trials "
+                                    f"are not stored; run normzoo compare {page.path}")  # fmt: skip
+                    continue
+                planned = _plan(_reported(page, tunings))
+            summaries, missing = _summaries(_reported(page, tunings), planned)
         except NormzooError as error:
             problems.append(f"{page.where()}: {error}")
             continue
@@ -296,7 +426,7 @@ def check(paths: Sequence[Path | str]) -> list[str]:
             problems.append(f"{page.where()}: {missing} of {len(planned)} runs are not stored; "
                             f"run normzoo compare {page.path}")  # fmt: skip
             continue
-        expected = render_section(page, summaries).split("\n")
+        expected = _render(page, summaries, tunings).split("\n")
         found = page.generated.split("\n")
         for offset, (want, have) in enumerate(zip_longest(expected, found)):
             if want != have:

@@ -32,6 +32,20 @@ The experiment is a fenced block with the info string ``normzoo`` holding TOML::
     baseline = "batch 16"          # paired with this variant instead of the page's baseline
     ```
 
+A page may tune each variant before comparing (the protocol of DeepOBS and AlgoPerf: every
+variant gets the same tuning budget, chosen on held-out training data, reported on the test
+set over fresh seeds)::
+
+    [tune]                         # every combination is one trial per tuning seed
+    lr = [0.1, 0.3, 1.0, 3.0]
+    seeds = [100]                  # tuning seeds (default [100]): a count or a list
+    val_split = 10000              # training examples held out to choose on (default 10000)
+
+Each variant runs every trial on the training set less the validation split, evaluated on the
+split; its choice (:mod:`~normzoo.compare.tune`) then runs with the page's seeds on the whole
+training set and is tested on the test set. A tuned setting may not be set by ``base``,
+``grid`` or a variant (the trials set it).
+
 Keys of ``base``, ``grid`` and a variant are the fields of
 :class:`~normzoo.harness.config.RunConfig` that say what a run computes
 (:data:`~normzoo.harness.config.COMPUTED_FIELDS` but ``seed``: ``workload``, ``norm``,
@@ -73,20 +87,48 @@ else:  # pragma: no cover
 BEGIN = "<!-- normzoo:results:begin -->"
 END = "<!-- normzoo:results:end -->"
 _FENCE = re.compile(r"^```normzoo[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
-_TOP_KEYS = ("seeds", "baseline", "results", "figures", "plots", "base", "grid", "variant")
+_TOP_KEYS = (
+    "seeds", "baseline", "results", "figures", "plots", "base", "grid", "variant", "tune",
+)  # fmt: skip
+_TUNE_KEYS = ("seeds", "val_split")
 #: The plots a page can ask for; ``affine`` shows the learned gamma and beta per layer.
 PLOTS = ("curves", "finals", "affine")
-#: What a page may set: what a run computes, but the seed (the page's ``seeds`` give it).
-SETTINGS = tuple(name for name in COMPUTED_FIELDS if name != "seed")
+#: The plot a tuned page adds: validation accuracy against the tuned setting, per variant.
+TUNING_PLOT = "tuning"
+#: What a page may set: what a run computes, but the seed (the page's ``seeds`` give it) and
+#: the validation split (a page reports on the test set; ``[tune]`` holds out its own split).
+SETTINGS = tuple(name for name in COMPUTED_FIELDS if name not in ("seed", "val_split"))
 #: The most variants one page may hold: past it the planning alone takes minutes, and the runs
 #: would take far longer; a bigger sweep is several pages.
 MAX_VARIANTS = 1000
 #: The most seeds one variant may run (a count beyond it would not even fit in memory).
 MAX_SEEDS = 1000
+#: The most trials one variant may tune with (combinations times tuning seeds).
+MAX_TRIALS = 100
+#: A ``[tune]`` table's defaults: the tuning seeds (apart from the usual comparison seeds
+#: ``0 .. n-1``, so that no trial shares its seed with a reported run) and the validation
+#: split (a sixth of Fashion-MNIST's training set, the test set's size).
+TUNE_SEEDS = [100]
+TUNE_VAL_SPLIT = 10_000
 
 
 class PageError(NormzooError):
     """A page cannot be read as a comparison; the message names the page and line."""
+
+
+@dataclass(frozen=True)
+class Tune:
+    """A page's ``[tune]`` table: the settings searched, each with its values in order, the
+    tuning seeds and the validation split."""
+
+    space: dict[str, list[Any]]
+    seeds: list[int]
+    val_split: int
+
+    def trials(self) -> list[dict[str, Any]]:
+        """Every combination of the searched values, the first setting varying slowest."""
+        return [dict(zip(self.space, values, strict=True))
+                for values in itertools.product(*self.space.values())]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -124,6 +166,7 @@ class Page:
     figures_dir: Path
     begin: int
     end: int
+    tune: Tune | None = None
 
     @property
     def generated(self) -> str:
@@ -186,6 +229,7 @@ def parse_page(path: Path | str) -> Page:
             raise PageError(f"{where}: {key} must be a string, got {spec[key]!r}")
     variants = _variants(spec, where)
     seeds = _seeds(spec.get("seeds", 3), where)
+    tune = _tune(spec["tune"], where, variants) if "tune" in spec else None
     by_label = {v.label: v for v in variants}
     labels = list(by_label)
     baseline = spec.get("baseline", labels[0])
@@ -210,6 +254,7 @@ def parse_page(path: Path | str) -> Page:
     for plot in plots:
         if plot not in PLOTS:
             raise PageError(f"{where}: {suggest('plot', str(plot), PLOTS)}")
+    plots = [*plots, TUNING_PLOT] if tune else plots
     begin, end = _section(path, text, match)
     return Page(
         path=path,
@@ -223,6 +268,7 @@ def parse_page(path: Path | str) -> Page:
         figures_dir=_folder(path, where, "figures", spec.get("figures", ".")),
         begin=begin,
         end=end,
+        tune=tune,
     )
 
 
@@ -334,6 +380,41 @@ def _seeds(value: Any, where: str) -> list[int]:
         seed, n = repeated[0]
         raise PageError(f"{where}: seeds: seed {seed} is listed {n} times; list each seed once")
     return seeds
+
+
+def _tune(table: Any, where: str, variants: list[Variant]) -> Tune:
+    """The ``[tune]`` table: at least one searched setting with a non-empty list of distinct
+    values, none that a variant already sets, and at most :data:`MAX_TRIALS` trials."""
+    if not isinstance(table, dict):
+        raise PageError(f"{where}: tune must be a table ([tune]), got {table!r}")
+    table = dict(table)
+    seeds = _seeds(table.pop("seeds", TUNE_SEEDS), f"{where}: [tune]")
+    val_split = table.pop("val_split", TUNE_VAL_SPLIT)
+    if not _is_int(val_split) or val_split < 1:
+        raise PageError(f"{where}: [tune] val_split must be a count >= 1, got {val_split!r}")
+    space = _settings(table, where, "[tune]", grid=True)
+    if not space:
+        raise PageError(
+            f"{where}: [tune] names no setting to search; add one, e.g. lr = [0.1, 0.3, 1.0]"
+        )
+    for key, values in space.items():
+        if not isinstance(values, list) or not values:
+            raise PageError(f"{where}: [tune] {key} must be a non-empty list, got {values!r}")
+        if len({repr(value) for value in values}) != len(values):
+            raise PageError(f"{where}: [tune] {key} lists a value twice: {values!r}")
+        for variant in variants:
+            if key in variant.settings:
+                raise PageError(
+                    f"{where}: variant {variant.label!r} sets {key}, which [tune] searches; "
+                    f"remove it from [base], [grid] or the variant, or from [tune]"
+                )
+    trials = math.prod(len(values) for values in space.values()) * len(seeds)
+    if trials > MAX_TRIALS:
+        raise PageError(
+            f"{where}: [tune] makes {trials} trials per variant, more than MAX_TRIALS = "
+            f"{MAX_TRIALS}; search fewer values or use fewer tuning seeds"
+        )
+    return Tune(space, seeds, val_split)
 
 
 #: The type each setting must have in a page (an int is also a float; a subset may be unset).

@@ -17,10 +17,12 @@ import io
 import math
 import os
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 from normzoo.compare.page import Page, PageError, parse_page
 from normzoo.compare.summary import LEVEL, Interval, VariantSummary
+from normzoo.compare.tune import SCORE_EPOCHS, Tuning, describe, mean_score
 from normzoo.errors import NormzooError
 from normzoo.harness.runs import atomic_write_bytes
 
@@ -175,6 +177,7 @@ _CAPTIONS = {
     "curves": "test and train accuracy per epoch: mean over seeds, each seed faint",
     "finals": "final test accuracy of each seed, per variant",
     "affine": "learned gamma and beta per norm layer (mean over channels, each seed)",
+    "tuning": "tuning: validation score of each tried setting, per variant (its choice circled)",
 }
 
 
@@ -202,8 +205,11 @@ def _footer(page: Page, summaries: list[VariantSummary]) -> str:
     )
 
 
-def render_plots(page: Page, summaries: list[VariantSummary]) -> None:
-    """Write the page's plots (PNG) beside it, each recording the page.
+def render_plots(
+    page: Page, summaries: list[VariantSummary], tunings: list[Tuning] | None = None
+) -> None:
+    """Write the page's plots (PNG) beside it, each recording the page; a tuned page's
+    ``tunings`` draw its sensitivity plot.
 
     :class:`PageError` naming both pages, before any plot is written, when a plot file is
     another page's: it records that page, which still writes it.
@@ -221,15 +227,41 @@ def render_plots(page: Page, summaries: list[VariantSummary]) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    drawers = {"curves": _curves, "finals": _finals, "affine": _affine}
+    drawers = {
+        "curves": partial(_curves, plt, summaries),
+        "finals": partial(_finals, plt, summaries),
+        "affine": partial(_affine, plt, summaries),
+        "tuning": partial(_sensitivity, plt, tunings or []),
+    }
     for plot, path in figure_paths(page).items():
-        figure = drawers[plot](plt, summaries)
+        figure = drawers[plot]()
         buffer = io.BytesIO()
         mark = Path(os.path.relpath(page.path.resolve(), path.parent.resolve())).as_posix()
         figure.savefig(buffer, format="png", metadata={"Software": None, PAGE_KEYWORD: mark})
         plt.close(figure)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, buffer.getvalue())
+
+
+def _sensitivity(plt, tunings: list[Tuning]):  # noqa: ANN001, ANN202
+    """Each variant's score per tried combination, in the ``[tune]`` order; its choice
+    circled. The combinations sit at even steps: the values tried are usually a log scale."""
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for tuning_, color in zip(tunings, _colors(plt, len(tunings)), strict=True):
+        combinations = [values for values, _ in tuning_.scores]
+        scores = [mean_score(s) for _, s in tuning_.scores]
+        axes.plot(range(len(scores)), scores, "o-", color=color, label=tuning_.label)
+        chosen = combinations.index(tuning_.chosen)
+        axes.plot([chosen], [scores[chosen]], "o", markersize=14, markerfacecolor="none",
+                  markeredgecolor=color)  # fmt: skip
+    if tunings:
+        labels = [describe(values) for values, _ in tunings[0].scores]
+        axes.set_xticks(range(len(labels)), labels, rotation=30 if len(labels) > 4 else 0)
+    axes.set_ylabel(f"validation accuracy, mean of the last {SCORE_EPOCHS} epochs")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
 
 
 def _colors(plt, count: int) -> list:  # noqa: ANN001

@@ -58,7 +58,22 @@ class TrainingSettings:
     )
     test_subset: int | None = field(
         default=None,
-        metadata={"help": "use the first N test examples", "minimum": 2, "type": int},
+        metadata={
+            "help": "use the first N test examples (with --val-split: validation examples)",
+            "minimum": 2,
+            "type": int,
+        },
+    )
+    val_split: int = field(
+        default=0,
+        metadata={
+            "help": "hold out N training examples (stratified by class, the same ones for "
+            "every seed) and evaluate on them instead of the test set, which is then never "
+            "read: the split on which settings are chosen; 0 trains on the whole training set "
+            "and tests on the test set",
+            "minimum": 0,
+            "metavar": "N",
+        },
     )
     precise_stats: int = field(
         default=50,
@@ -130,6 +145,12 @@ class RunConfig(Resources, TrainingSettings, ModelSettings):
     A flat dataclass (``RunConfig(norm="zca", lr=0.1)``) whose fields come from its three
     groups; :data:`COMPUTED_FIELDS` and :data:`RESOURCE_FIELDS` name them.
     """
+
+    @property
+    def evaluated_on(self) -> str:
+        """The split the run's accuracy is measured on: ``"validation"`` with a ``val_split``,
+        else ``"test"``."""
+        return "validation" if self.val_split else "test"
 
     def validate(self) -> None:
         """Reject values no run could use, naming the bad one; the bounds are the fields'.

@@ -92,7 +92,8 @@ def config_record(config: RunConfig, device: torch.device, data: Dataset, proces
         "device": str(device),
         "processes": processes,
         "train_examples": len(data.train),
-        "test_examples": len(data.test),
+        f"{config.evaluated_on}_examples": len(data.test),
+        "evaluated_on": config.evaluated_on,
         "versions": {
             "normzoo": normzoo.__version__,
             "torch": torch.__version__,
@@ -106,6 +107,8 @@ def load(config: RunConfig, device: torch.device) -> tuple[nn.Module, Dataset]:
     torch.manual_seed(config.seed)
     model = build_model(config).to(device)
     data = load_workload_data(config.workload, config.data_dir, config.download)
+    if config.val_split:
+        data = data.validation(config.val_split)
     return model, data.subset(config.train_subset, config.test_subset).to(device)
 
 

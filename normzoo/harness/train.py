@@ -61,12 +61,18 @@ class EpochMetrics:
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
 
-    def summary(self) -> str:
+    def summary(self, evaluated_on: str = "test") -> str:
+        """One line; ``evaluated_on`` names the split ``test_acc`` was measured on."""
         return (
             f"epoch {self.epoch:>2}: train loss {self.train_loss:.3f}, train acc "
-            f"{self.train_acc:.3f}, test acc {self.test_acc:.3f}, "
+            f"{self.train_acc:.3f}, {accuracy_label(evaluated_on)} {self.test_acc:.3f}, "
             f"{self.examples_per_sec:,.0f} examples/s"
         )
+
+
+def accuracy_label(evaluated_on: str) -> str:
+    """``"test acc"``, or ``"val acc"`` for a run evaluated on its validation split."""
+    return f"{'val' if evaluated_on == 'validation' else evaluated_on} acc"
 
 
 def batch_bounds(size: int, batch_size: int) -> list[tuple[int, int]]:

@@ -36,6 +36,8 @@ FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 _UBYTE = 0x08
+#: The generator seed that draws a validation split (:meth:`Dataset.validation`).
+VALIDATION_SEED = 0
 IMAGE_SIZE = (28, 28)
 
 
@@ -77,6 +79,40 @@ class Dataset:
     def subset(self, train_size: int | None, test_size: int | None) -> Dataset:
         """The first ``train_size`` / ``test_size`` examples of each split (``None``: all)."""
         return Dataset(self.train.subset(train_size), self.test.subset(test_size))
+
+    def validation(self, size: int) -> Dataset:
+        """The training set without ``size`` held-out examples, and those examples in place of
+        the test set, which is dropped: a run that chooses settings never reads the test set.
+
+        The held-out examples are stratified by class (each class gives ``size // classes``,
+        the first ``size % classes`` classes one more) and drawn with
+        :data:`VALIDATION_SEED`, not the run's seed: every run, seed and variant holds out the
+        same examples, so trials differ only in what they try. Both parts keep the order of
+        the training set, so ``train_subset`` takes the first examples of what remains.
+        """
+        labels = self.train.labels.cpu()
+        classes = int(labels.max()) + 1 if len(labels) else 0
+        if not 1 <= size < len(labels):
+            raise NormzooError(
+                f"--val-split {size} must hold out between 1 and {len(labels) - 1:,} of the "
+                f"{len(labels):,} training examples; choose a smaller split"
+            )
+        generator = torch.Generator().manual_seed(VALIDATION_SEED)
+        held = torch.zeros(len(labels), dtype=torch.bool)
+        for label in range(classes):
+            members = torch.nonzero(labels == label).flatten()
+            share = size // classes + (label < size % classes)
+            if share > len(members):
+                raise NormzooError(
+                    f"--val-split {size} needs {share} examples of class {label}, the training "
+                    f"set has {len(members)}; choose a smaller split"
+                )
+            held[members[torch.randperm(len(members), generator=generator)[:share]]] = True
+        held = held.to(self.train.labels.device)
+        return Dataset(
+            Split(self.train.images[~held], self.train.labels[~held]),
+            Split(self.train.images[held], self.train.labels[held]),
+        )
 
 
 def bundled_dir() -> Path:
