@@ -58,7 +58,7 @@ COMPARE_EPILOG = """a page, the smallest (any Markdown file; GitHub shows it as 
 Every key (a [grid] of settings, [base] settings, a variant's own seeds or baseline, the results \
 and figures directories, the plots) is described in docs/writing-a-plugin.md, section 8, and \
 in the docstring of normzoo/compare/page.py. A variant's settings are `normzoo run`'s options, \
-spelled with underscores (batch_size, precise_stats). \
+spelled with underscores (batch_size, precise_examples). \
 --check trains nothing, so it takes no --jobs, --threads, --shard or --smoke."""
 
 
@@ -159,6 +159,10 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             type=_bounded_int(spec.name, metadata) if kind is int else kind,
             choices=metadata.get("choices"),
         )  # fmt: skip
+    parser.add_argument(
+        "--precise-stats", type=_bounded_int("precise_stats", {"minimum": 0}), metavar="N",
+        help="the older spelling of --precise-examples, in batches: N * --batch-size examples",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -308,6 +312,23 @@ def build_parser() -> argparse.ArgumentParser:
         "rewrites no page (a test that the pages run)",
     )  # fmt: skip
     comparison.add_argument(
+        "--verify", type=_positive_int, default=None, metavar="K",
+        help="train K stored runs of the pages again, drawn at random, each with its stored "
+        "configuration and thread count, storing nothing; report each as exact (every "
+        "epoch's train_loss, train_acc and test_acc bit-identical) or different (the first "
+        "number that differs); exit status 1 if any differs. With --jobs 1 the reruns share "
+        "this process: run it with OMP_NUM_THREADS set to the stored thread count",
+    )  # fmt: skip
+    comparison.add_argument(
+        "--verify-run", action="append", default=[], metavar="KEY",
+        help="also verify the stored run KEY (its result file's name), repeatable",
+    )  # fmt: skip
+    comparison.add_argument(
+        "--verify-seed", type=int, default=None, metavar="S",
+        help="draw the runs of --verify with seed S (printed by every --verify) to repeat a "
+        "choice",
+    )  # fmt: skip
+    comparison.add_argument(
         "--no-progress", dest="progress", action="store_false", help="no progress bar"
     )
     comparison.set_defaults(handler=_compare)
@@ -380,6 +401,11 @@ def _bench(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from normzoo.compare import check, checked_pages, compare, counted, parse_shard
 
+    if args.verify or args.verify_run:
+        return _verify(args)
+    if args.verify_seed is not None:
+        raise NormzooError(f"--verify-seed {args.verify_seed} draws the runs of --verify K; "
+                           "add --verify K")  # fmt: skip
     if args.check:
         if args.jobs != CompareConfig.jobs or args.threads or args.shard is not None or args.smoke:
             raise NormzooError("--check trains nothing: it takes no --jobs, --threads, --shard "
@@ -409,12 +435,34 @@ def _compare(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from normzoo.compare.verify import verify
+
+    if args.check or args.threads or args.shard is not None or args.smoke:
+        raise NormzooError("--verify reruns stored runs with their own thread counts and "
+                           "stores nothing: it takes no --check, --threads, --shard or "
+                           "--smoke")  # fmt: skip
+    try:
+        verdicts = verify(
+            args.paths, args.verify or 0, args.verify_run, args.verify_seed, args.jobs
+        )
+    except KeyboardInterrupt as error:
+        number = getattr(error, "signal_number", signal.SIGINT)  # bare: Python's own handler
+        return 1 if number is None else 128 + number  # None: raised by code, not a signal
+    return 0 if all(verdict.exact for verdict in verdicts) else 1
+
+
 def _run(args: argparse.Namespace) -> int:
     from normzoo.harness.launch import launch
     from normzoo.harness.train import EpochMetrics, accuracy_label
 
     settings = {spec.name: getattr(args, spec.name) for spec in fields(RunConfig)}
-    config = RunConfig(**{**settings, "norm_options": dict(args.norm_options)})
+    if args.precise_stats is not None:
+        if args.precise_examples != RunConfig.precise_examples:
+            raise NormzooError("give --precise-examples or --precise-stats, not both")
+        del settings["precise_examples"]
+    settings["norm_options"] = dict(args.norm_options)
+    config = RunConfig(**settings, precise_stats=args.precise_stats)
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 reports
     given_norm = args.norm != RunConfig.norm or args.norm_options
     if args.placement == NO_SLOT and given_norm and main_process:

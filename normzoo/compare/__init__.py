@@ -36,7 +36,7 @@ from normzoo.compare.render import (
     render_section,
     shared_plots,
 )
-from normzoo.compare.summary import VariantSummary, summarize
+from normzoo.compare.summary import VariantSummary, adjust_for_multiplicity, summarize
 from normzoo.compare.tune import (
     Trial,
     Tuning,
@@ -100,7 +100,8 @@ def _pending(page: Page, variant: Variant, seed: int, label: str, smoke_dir: Pat
         config = variant.config(seed)
         if smoke_dir:
             config = replace(
-                config, epochs=1, precise_stats=min(config.precise_stats, 2),
+                config, epochs=1, precise_examples=min(config.precise_examples,
+                                                       2 * config.batch_size),
                 train_subset=SMOKE_EXAMPLES, test_subset=SMOKE_EXAMPLES,
             )  # fmt: skip
         config.validate()
@@ -160,6 +161,17 @@ def _tunings(page: Page, planned: list[_PlannedRun]) -> tuple[list[Tuning] | Non
     return (None, missing) if missing else (tuning(page, results), 0)
 
 
+def planned_runs(page: Page) -> list[PendingRun]:
+    """Every run ``page`` plans, as :func:`compare` plans them: a tuned page's trials, and once
+    they are all stored the runs with each variant's choice."""
+    if page.tune is None:
+        return [run.pending for run in _plan(page)]
+    trials = _plan_trials(page)
+    tunings, _ = _tunings(page, trials)
+    reported = [] if tunings is None else _plan(_reported(page, tunings))
+    return [run.pending for run in trials + reported]
+
+
 def _reported(page: Page, tunings: list[Tuning] | None) -> Page:
     """The page whose runs the table reports: a tuned page's variants with their choices."""
     return page if tunings is None else replace(page, variants=tuned_variants(page, tunings))
@@ -176,7 +188,8 @@ def _seed_major(plans: Iterable[list[_PlannedRun]]) -> list[PendingRun]:
 
 
 def _summaries(page: Page, planned: list[_PlannedRun]) -> tuple[list[VariantSummary], int]:
-    """The summary of each variant from the stored results, and how many runs are missing.
+    """The summary of each variant from the stored results (the page's paired rows adjusted
+    together for multiplicity), and how many runs are missing.
 
     A stored result must be the run's (its key and configuration) and hold what the table and
     plots read; :class:`~normzoo.compare.cache.ResultFileError` names a file that does not.
@@ -195,7 +208,7 @@ def _summaries(page: Page, planned: list[_PlannedRun]) -> tuple[list[VariantSumm
         baseline = variant.baseline or page.baseline
         paired = None if baseline == variant.label else by_variant[baseline]
         summaries.append(summarize(variant.label, by_variant[variant.label], paired))
-    return summaries, missing
+    return adjust_for_multiplicity(summaries), missing
 
 
 def compare(
@@ -266,8 +279,10 @@ def compare(
                          tunings.get(page.path))  # fmt: skip
             # the page is read again: text edited while the runs went on stays as edited
             fresh = parse_page(page.path)
-            if fresh.variants != page.variants or fresh.seeds != page.seeds or (
-                fresh.tune != page.tune
+            if (
+                fresh.variants != page.variants
+                or fresh.seeds != page.seeds
+                or (fresh.tune != page.tune)
             ):
                 say(f"{page.path}: its experiment changed while running; run again")
             elif section != fresh.generated:

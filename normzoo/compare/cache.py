@@ -20,7 +20,7 @@ from typing import Any
 
 from normzoo import registry
 from normzoo.errors import NormzooError
-from normzoo.harness.config import COMPUTED_FIELDS, RunConfig
+from normzoo.harness.config import COMPUTED_FIELDS, PRECISE_BATCHES, RunConfig
 from normzoo.harness.runs import atomic_write_json
 from normzoo.interface import WorkloadInfo
 
@@ -35,6 +35,7 @@ def resolved_config(config: RunConfig) -> dict[str, Any]:
     Raises the registry's one-line errors for an unknown workload, norm or option.
     """
     settings = {name: getattr(config, name) for name in COMPUTED_FIELDS}
+    _name_the_reestimation_as_stored(settings)
     settings["norm_options"] = config.resolved_norm_options()
     settings["norm_version"] = registry.info(config.norm).version
     settings["workload_version"] = registry.workload(config.workload).version
@@ -42,12 +43,21 @@ def resolved_config(config: RunConfig) -> dict[str, Any]:
     return settings
 
 
+def _name_the_reestimation_as_stored(settings: dict[str, Any]) -> None:
+    """Name the re-estimation as the stored results do: in batches (``precise_stats``), its
+    unit before it counted examples, when the count is a whole number of batches, so that a
+    result computed the same way keeps its key; otherwise in examples (``precise_examples``).
+    """
+    examples = settings.pop("precise_examples")
+    batches, rest = divmod(examples, settings["batch_size"])
+    settings["precise_stats" if rest == 0 else "precise_examples"] = examples if rest else batches
+
+
 def run_key(resolved: dict[str, Any]) -> str:
     """A stable 16-hex-digit name for a :func:`resolved_config`: a hash of what differs from
     the defaults (settings, norm options, the default workload's version) and of the norm's
     and harness's versions."""
-    default = RunConfig()
-    defaults: dict[str, Any] = {name: getattr(default, name) for name in COMPUTED_FIELDS}
+    defaults = _stored_defaults()
     # a workload's first version, the one every result stored before workloads existed was
     # computed with: a version bump changes the key, another workload's first does not
     defaults["workload_version"] = WorkloadInfo.version
@@ -59,6 +69,16 @@ def run_key(resolved: dict[str, Any]) -> str:
     }
     canonical = json.dumps(essential, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _stored_defaults() -> dict[str, Any]:
+    """Each computed setting's default, as :func:`resolved_config` names it. A count of
+    examples that is no whole number of batches has no default: it is always in the key, or
+    a result of another batch size stored with the old default would answer for it."""
+    settings = {name: getattr(RunConfig(), name) for name in COMPUTED_FIELDS}
+    settings.pop("precise_examples")
+    settings["precise_stats"] = PRECISE_BATCHES
+    return settings
 
 
 class ResultFileError(NormzooError):
@@ -190,8 +210,7 @@ def identity_problem(
     if expected is None:
         return None
     stored, wanted = result["config"], _jsonable(expected)
-    default = RunConfig()
-    unstated = _jsonable({name: getattr(default, name) for name in COMPUTED_FIELDS})
+    unstated = _jsonable(_stored_defaults())
     unstated.update(BEFORE_WORKLOADS)
     options = stored.get("norm_options", {})
     problem = _mismatch(

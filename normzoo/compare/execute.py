@@ -31,6 +31,7 @@ from normzoo.harness.config import RunConfig
 from normzoo.harness.group import machine_description, use_threads
 from normzoo.harness.interrupts import stops_interrupt
 from normzoo.harness.launch import launch
+from normzoo.harness.revision import code_revision
 from normzoo.workloads.slots import norm_modules
 
 
@@ -83,6 +84,7 @@ def execute(run: PendingRun, threads: int, scratch: Path | str | None = None) ->
         "device": str(next(outcome.model.parameters()).device),
         "threads": threads,
         "torch": torch.__version__,
+        "code": code_revision().as_dict(),
     }
     ResultStore(run.results_dir).save(run.key, result)
     return result

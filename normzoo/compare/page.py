@@ -51,10 +51,11 @@ Keys of ``base``, ``grid`` and a variant are the fields of
 (:data:`~normzoo.harness.config.COMPUTED_FIELDS` but ``seed``: ``workload``, ``norm``,
 ``norm_options``, ``activation``, ``placement``, ``bias_before_norm``, ``dropout``,
 ``freeze_affine``, ``epochs``, ``lr``, ``batch_size``, ``train_subset``, ``test_subset``,
-``precise_stats``). The results are written between the markers
-:data:`BEGIN` and :data:`END`; nothing else on the page is ever touched. So the markers appear
-once each, the begin marker first, and both outside the experiment block (below it, usually):
-a section that enclosed or cut into the block would overwrite the experiment with its table.
+``precise_examples``, or in its older spelling ``precise_stats``, in batches). The results
+are written between the markers :data:`BEGIN` and :data:`END`; nothing else on the page is
+ever touched. So the markers appear once each, the begin marker first, and both outside the
+experiment block (below it, usually): a section that enclosed or cut into the block would
+overwrite the experiment with its table.
 
 A page is refused, in one line, before anything trains, when what it asks for could not end
 well: more than :data:`MAX_VARIANTS` variants ([grid] combinations times ``[[variant]]``
@@ -97,7 +98,10 @@ PLOTS = ("curves", "finals", "affine")
 TUNING_PLOT = "tuning"
 #: What a page may set: what a run computes, but the seed (the page's ``seeds`` give it) and
 #: the validation split (a page reports on the test set; ``[tune]`` holds out its own split).
-SETTINGS = tuple(name for name in COMPUTED_FIELDS if name not in ("seed", "val_split"))
+SETTINGS = (
+    *(name for name in COMPUTED_FIELDS if name not in ("seed", "val_split")),
+    "precise_stats",  # the older spelling of precise_examples, in batches
+)
 #: The most variants one page may hold: past it the planning alone takes minutes, and the runs
 #: would take far longer; a bigger sweep is several pages.
 MAX_VARIANTS = 1000
@@ -423,7 +427,7 @@ _TYPES = {
         str(f.type).split(" |")[0], (dict,)
     )
     for f in fields(RunConfig)
-}
+} | {"precise_stats": (int,)}
 
 
 def _settings(table: Any, where: str, what: str, grid: bool = False) -> dict[str, Any]:

@@ -13,7 +13,7 @@ choices sit in its metadata, from which the command line builds its options and
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import InitVar, dataclass, field, fields
 from typing import Any
 
 from normzoo.errors import NormzooError
@@ -21,18 +21,25 @@ from normzoo.workloads.slots import ModelSettings
 
 #: ``--seed`` must fit torch's generators (a signed 64-bit integer; ``seed + 1`` seeds a second).
 MAX_SEED = 2**63 - 1
+#: The re-estimation's default in batches of the default batch size (256), its unit before it
+#: counted examples: what the stored results' keys call the default.
+PRECISE_BATCHES = 50
 
 
 @dataclass(frozen=True)
 class TrainingSettings:
-    """The protocol: the chapter's (lr 1.0, 10 epochs, batch 256), plus ``precise_stats``.
+    """The protocol: the chapter's (lr 1.0, 10 epochs, batch 256), plus ``precise_examples``.
 
-    Before each test, ``precise_stats`` training batches re-estimate the norms' running
+    Before each test, ``precise_examples`` training examples re-estimate the norms' running
     statistics with the epoch's final weights (see
     :func:`~normzoo.harness.train.reestimate_running_stats`). At lr 1.0 the running averages
     trail the weights so far that eval accuracy swings by several points from epoch to epoch
     (batch norm: 0.895 then 0.835), which would drown the differences between norms; 0
-    restores the book's protocol exactly.
+    restores the book's protocol exactly. The count is of examples, not batches, so that
+    every batch size re-estimates on about the same data (rounded up to whole batches).
+
+    ``precise_stats`` is the older spelling, in batches: ``precise_stats=N`` sets
+    ``precise_examples`` to ``N * batch_size``, the same computation as before.
     """
 
     epochs: int = field(default=10, metadata={"help": "passes over the data", "minimum": 1})
@@ -75,17 +82,28 @@ class TrainingSettings:
             "metavar": "N",
         },
     )
-    precise_stats: int = field(
-        default=50,
+    precise_examples: int = field(
+        default=PRECISE_BATCHES * 256,
         metadata={
             "help": "before each test, re-estimate the norms' running statistics over N "
-            "training batches with frozen weights; 0 keeps the running averages from training "
-            "(the book's protocol, whose eval accuracy swings by several points between "
-            "epochs at lr 1.0)",
+            "training examples (in batches of --batch-size, rounded up to whole batches) with "
+            "frozen weights; 0 keeps the running averages from training (the book's protocol, "
+            "whose eval accuracy swings by several points between epochs at lr 1.0)",
             "minimum": 0,
             "metavar": "N",
         },
     )
+    precise_stats: InitVar[int | None] = None
+
+    def __post_init__(self, precise_stats: int | None) -> None:
+        if precise_stats is not None:  # the older spelling, in batches
+            check_bounds("precise_stats", precise_stats, {"minimum": 0})
+            object.__setattr__(self, "precise_examples", precise_stats * self.batch_size)
+
+    @property
+    def precise_batches(self) -> int:
+        """The batches the re-estimation runs: ``precise_examples`` in whole batches."""
+        return -(-self.precise_examples // self.batch_size)
 
 
 @dataclass(frozen=True)

@@ -200,7 +200,7 @@ def run_experiment(
         train(
             trained, data, config.epochs, config.lr, config.batch_size, config.seed,
             label=config.norm, on_epoch=epoch_done, progress=progress and processes.main,
-            precise_stats=config.precise_stats, compile=config.compile,
+            precise_batches=config.precise_batches, compile=config.compile,
         )  # fmt: skip
         classes = int(max(data.train.labels.max(), data.test.labels.max())) + 1
         warning = chance_warning(config, history[-1].test_acc, classes) if history else ""

@@ -26,7 +26,6 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,6 +53,7 @@ from normzoo.harness.interrupts import (
     signals_handled,
     stops_interrupt,
 )
+from normzoo.harness.revision import code_revision
 from normzoo.harness.runs import RunDirectory, RunFilesError
 from normzoo.harness.train import EpochMetrics
 from normzoo.workloads.slots import build_model
@@ -120,11 +120,11 @@ def _in_this_process(
 
 
 def _new_directory(config: RunConfig, record: dict) -> RunDirectory:
-    """The run's directory with its config and a ``running`` status. A file that cannot be
-    written there (a full disk) leaves ``metrics.json`` saying ``failed`` where it can still
-    be written; the :class:`RunFilesError` raised carries the directory (and names every file
-    that could not be written)."""
-    directory = RunDirectory.create(config.runs_dir, config.norm)
+    """The run's directory with its config and a ``running`` status, recording the code that
+    makes the run. A file that cannot be written there (a full disk) leaves ``metrics.json``
+    saying ``failed`` where it can still be written; the :class:`RunFilesError` raised carries
+    the directory (and names every file that could not be written)."""
+    directory = RunDirectory.create(config.runs_dir, config.norm, code_revision())
     try:
         directory.write_config(record)
         directory.record("running", [])
@@ -186,7 +186,7 @@ def _on_processes(
     with _stops_forwarded() as stops:  # before the processes start: none may be orphaned
         context = mp.spawn(
             _worker,
-            args=(config, _free_port(), threads, directory.path, progress, messages),
+            args=(config, _free_port(), threads, directory, progress, messages),
             nprocs=config.nproc, join=False,
         )  # fmt: skip
         stops.forward_to(context.processes)
@@ -253,7 +253,7 @@ def _worker(
     config: RunConfig,
     port: int,
     threads: int,
-    directory: Path,
+    directory: RunDirectory,
     progress: bool,
     messages: Any,
 ) -> None:
@@ -273,7 +273,7 @@ def _worker(
         with stops_interrupt():
             model, data = load(replace(config, download=False), device)  # the launcher did
             result = run_experiment(
-                config, model, data, RunDirectory(directory) if main else None,
+                config, model, data, directory if main else None,
                 progress and main, on_epoch=messages.put if main else lambda metrics: None,
             )  # fmt: skip
         if main:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from normzoo.errors import NormzooError
+from normzoo.harness.revision import CodeRevision
 
 CONFIG = "config.json"
 METRICS = "metrics.json"
@@ -142,14 +143,18 @@ def check_runs_root(root: Path | str) -> Path:
 
 
 class RunDirectory:
-    """The files of one run under ``path``."""
+    """The files of one run under ``path``; ``code``, when given, is the code that made the
+    run, recorded as ``code`` in every ``metrics.json`` (the launcher passes it, and the same
+    object reaches the processes of a multi-process run)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, code: CodeRevision | None = None) -> None:
         self.path = path
+        self.code = code
 
     @classmethod
-    def create(cls, root: Path | str, label: str) -> RunDirectory:
-        """A new directory ``root/<YYYYmmdd-HHMMSS>-<label>[-k]`` that did not exist before.
+    def create(cls, root: Path | str, label: str, code: CodeRevision | None = None) -> RunDirectory:
+        """A new directory ``root/<YYYYmmdd-HHMMSS>-<label>[-k]`` that did not exist before,
+        for a run made by ``code``.
 
         ``~`` in ``root`` is expanded (``--runs-dir=~/runs`` reaches us unexpanded). Raises
         :class:`RunFilesError` naming ``root`` when it cannot be created or written to.
@@ -165,7 +170,7 @@ class RunDirectory:
                     path.mkdir()
                 except FileExistsError:
                     continue
-                return cls(path)
+                return cls(path, code)
         except OSError as error:
             raise RunFilesError(
                 f"cannot create a run directory under --runs-dir {root}: "
@@ -207,11 +212,14 @@ class RunDirectory:
         ``epochs`` (objects with ``as_dict()``), and the curves when there is an epoch.
 
         ``warning``, when given, is written as the field ``warning``: a run that finished but
-        whose result should not be read as a normal one (e.g. accuracy at chance level)."""
+        whose result should not be read as a normal one (e.g. accuracy at chance level). The
+        field ``code`` holds :attr:`code` when the directory has it."""
         rows = [epoch.as_dict() for epoch in epochs]
         metrics: dict[str, Any] = {"status": status, "message": message}
         if warning:
             metrics["warning"] = warning
+        if self.code is not None:
+            metrics["code"] = self.code.as_dict()
         self.write_metrics({**metrics, "epochs": rows})
         if rows:
             self.plot_curves(rows, title)

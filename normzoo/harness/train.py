@@ -452,14 +452,14 @@ def train(
     label: str,
     on_epoch: Callable[[EpochMetrics], None] = lambda metrics: None,
     progress: bool = True,
-    precise_stats: int = 0,
+    precise_batches: int = 0,
     compile: bool = False,
 ) -> list[EpochMetrics]:
     """Train ``model`` on ``data.train`` and measure it on ``data.test`` after every epoch.
 
     Parameters
     ----------
-    precise_stats:
+    precise_batches:
         When positive, re-estimate the norms' running statistics over this many training
         batches with the epoch's final weights before testing (see
         :func:`reestimate_running_stats`); 0 keeps the running averages from training, the
@@ -499,13 +499,14 @@ def train(
                 stepped, data, optimizer, batches, generator, epoch, epochs, label, progress
             )
             check_finite_buffers(network, label, f"in epoch {epoch}")
-            if precise_stats:
+            if precise_batches:
                 reestimate_running_stats(
-                    network, data.train, batch_size, precise_stats, stats_generator
+                    network, data.train, batch_size, precise_batches, stats_generator
                 )
                 check_finite_buffers(
-                    network, label, f"while re-estimating them (--precise-stats) in epoch {epoch}"
-                )
+                    network, label,
+                    f"while re-estimating them (--precise-examples) in epoch {epoch}",
+                )  # fmt: skip
             # eval mode communicates nothing: rank 0 tests alone and tells the others
             test_acc = accuracy(network, data.test) if processes.main else math.nan
             metrics = replace(metrics, test_acc=processes.from_main(test_acc))
