@@ -355,6 +355,41 @@ class ZCAWhitening(GroupWhitening):
         return inv_sqrtm(sigma)
 
 
+class CholeskyWhitening(GroupWhitening):
+    """Cholesky (CD) whitening: ``W = L^-1`` with ``Sigma = L L^T``, ``L`` lower triangular.
+
+    The decorrelated-BN family's cheapest exact whitening: one factorization and a triangular
+    solve, gradients through both by autograd (no eigenvalue gaps in them). ``W`` is not
+    symmetric: output channel ``i`` mixes input channels ``1 .. i`` only, so the channel order
+    matters (permuting the channels does not permute the output), unlike ZCA.
+    """
+
+    NAME = "cholesky-whitening"
+
+    def matrix_function(self, sigma: torch.Tensor) -> torch.Tensor:
+        lower = torch.linalg.cholesky(sigma)
+        return torch.linalg.solve_triangular(lower, _eye_like(sigma).expand_as(sigma), upper=False)
+
+
+class PCAWhitening(GroupWhitening):
+    """PCA whitening: ``W = Lambda^-1/2 U^T``, the output axes the principal components.
+
+    With ``Sigma = U diag(lambda) U^T`` from ``eigh``, components in decreasing order of
+    variance. This is the variant the decorrelated-BN paper shows failing: an eigenvector's
+    sign, and the order of close eigenvalues, can change from one batch to the next, so the
+    next layer sees its inputs swapped or flipped between steps ("stochastic axis swapping").
+    It is here so that the claim can be tested. The gradient goes through ``eigh`` by autograd,
+    which divides by eigenvalue gaps: it is inf or noise where two eigenvalues coincide.
+    """
+
+    NAME = "pca-whitening"
+
+    def matrix_function(self, sigma: torch.Tensor) -> torch.Tensor:
+        lam, u = torch.linalg.eigh((sigma + sigma.mT) / 2)
+        lam, u = lam.flip(-1), u.flip(-1)  # the largest variance first
+        return u.mT / lam.sqrt().unsqueeze(-1)
+
+
 class IterNorm(GroupWhitening):
     """Iterative normalization: ``W`` from ``iterations`` coupled Newton-Schulz steps.
 
@@ -405,6 +440,31 @@ def normzoo_register_norms(register: Callable[[NormInfo], None]) -> None:
             reference="Huang, Yang, Lang & Deng, Decorrelated Batch Normalization, CVPR 2018",
         )
     )
+    for factory, summary, reference in (
+        (
+            CholeskyWhitening,
+            "Cholesky whitening of channel groups: W = L^-1, Sigma = L L^T",
+            "Huang, Yang, Lang & Deng, Decorrelated Batch Normalization, CVPR 2018 (CD "
+            "whitening); Kessy, Lewin & Strimmer, Optimal Whitening and Decorrelation, 2018",
+        ),
+        (
+            PCAWhitening,
+            "PCA whitening of channel groups: W = Lambda^-1/2 U^T (the variant shown failing)",
+            "Huang, Yang, Lang & Deng, Decorrelated Batch Normalization, CVPR 2018 (section "
+            "3.1: PCA whitening and stochastic axis swapping)",
+        ),
+    ):
+        register(
+            NormInfo(
+                name=factory.NAME,
+                summary=summary,
+                layouts=LAYOUT_NAMES,
+                uses_batch_stats=True,
+                factory=factory,
+                options=(GROUP_SIZE, COVARIANCE_EPS, MOMENTUM, AFFINE, SYNC),
+                reference=reference,
+            )
+        )
     register(
         NormInfo(
             name=IterNorm.NAME,
