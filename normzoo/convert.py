@@ -176,6 +176,10 @@ def _replacement(
     dtype = next((t.dtype for m in around if (t := _first_tensor(m, True)) is not None), None)
     if device is not None or dtype is not None:
         new = new.to(device=device, dtype=dtype)
+    if hasattr(new, "carry_over"):  # the norm takes what it needs itself (see convert)
+        lost.extend((name, what) for what in new.carry_over(module))
+        new.train(module.training)
+        return new
     with torch.no_grad():
         for parameter in ("weight", "bias"):
             old_value, new_value = getattr(module, parameter, None), getattr(new, parameter, None)
@@ -234,6 +238,11 @@ def convert(
     layer shared by several parents is replaced once, by one new layer. A :class:`ConvertWarning`
     lists what could not be carried over. Build the optimizer after converting: it would
     otherwise hold the old layers' parameters.
+
+    A norm that holds what it carries over in another form (``frozenbn``: the affine in
+    buffers, not parameters) defines ``carry_over(old) -> list[str]``; when the new layer has
+    it, convert calls it with the replaced layer instead of copying as above, and the warning
+    lists the names it returns (what it could not take).
 
     Raises :class:`ConvertError` for a model wrapped in DDP or ``DataParallel``, for a model
     that is or holds a TorchScript module (``torch.jit.script`` or ``trace``: convert before

@@ -273,6 +273,11 @@ class NormInfo:
     version:
         The version of the norm's math, bumped by its plugin whenever a change alters what the
         norm computes (results cached by comparisons are keyed by it).
+    exact_train_gradient:
+        False for a norm whose train-mode gradient is, by its design, not the derivative of its
+        output (Batch Renormalization holds its corrections ``r`` and ``d`` constant in the
+        backward pass): the conformance suite then compares gradients with finite differences
+        in eval mode only, and the plugin's own tests must prove its train-mode gradient.
     plugin:
         Name of the plugin that registered it; filled in by the registry.
     """
@@ -286,6 +291,7 @@ class NormInfo:
     reference: str = ""
     check: NormCheck | None = None
     version: str = "1"
+    exact_train_gradient: bool = True
     plugin: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:

@@ -15,7 +15,7 @@ import normzoo.harness.experiment as experiment
 from normzoo.compare import CompareConfig, check, compare
 from normzoo.compare.page import BEGIN, END, MAX_TRIALS, PageError, Tune, parse_page
 from normzoo.compare.render import plot_problem
-from normzoo.compare.tune import SCORE_EPOCHS, choose, mean_score, score
+from normzoo.compare.tune import SCORE_EPOCHS, at_edge, choose, mean_score, score
 from normzoo.workloads.data import Dataset, Split
 
 QUIET = CompareConfig(progress=False)
@@ -218,3 +218,18 @@ def test_a_smoke_test_of_a_tuned_page_runs_its_trials_and_choices(tmp_path):
     assert compare([page], CompareConfig(progress=False, smoke=True), say=said.append) == 0
     assert said[-1] == f"{page}: smoke test passed (6 runs)"  # 4 trials, 2 choices x 1 seed
     assert not (tmp_path / "results").exists()
+
+
+def test_a_choice_at_the_edge_of_the_range_is_flagged():
+    """The best of 0.1, 0.3, 1.0, 3.0 being 3.0 says little about 10: the page says so."""
+    assert at_edge(LR, {"lr": 1.0}) and at_edge(LR, {"lr": 0.1})
+    assert not at_edge(LR, {"lr": 0.3})
+    assert not at_edge(Tune({"lr": [0.1, 1.0]}, [0], 100), {"lr": 1.0})  # two values: no edge
+    words = Tune({"activation": ["sigmoid", "relu", "tanh"]}, [0], 100)
+    assert not at_edge(words, {"activation": "sigmoid"})  # no order among words
+
+
+def test_the_tuning_section_names_the_variants_chosen_at_an_edge(tuned):
+    text = tuned.read_text()
+    edge = "At the edge of the range searched" in text
+    assert not edge  # two values searched: no edge is claimed

@@ -234,7 +234,24 @@ def test_precise_stats_keeps_dropout_off_and_skips_norms_without_the_capability(
     assert torch.equal(bystander.running_mean, torch.full((3,), 7.0))
 
 
-@pytest.mark.parametrize("norm", [n.name for n in normzoo.available() if n.name != "instancenorm"])
+def freezable(info: normzoo.NormInfo) -> bool:
+    """Whether a LeNet with ``info``'s norm in every slot has only gamma and beta to learn in
+    its norms: the norm fills the fc slots, and ``affine=False`` (or its absence) leaves it
+    no parameter (a fresh layer tells)."""
+    if "fc" not in info.layouts:
+        return False
+    options = {"affine": False} if info.has_option("affine") else {}
+    return not any(True for _ in normzoo.build(info.name, 8, "fc", **options).parameters())
+
+
+def test_the_norms_whose_affine_option_removes_every_parameter_are_freezable():
+    """The specification the two tests below split on: these must freeze."""
+    expected = {"batchnorm", "torch-batchnorm", "layernorm", "groupnorm", "rmsnorm", "zca",
+                "iternorm", "pit", "cholesky-whitening", "pca-whitening"}  # fmt: skip
+    assert expected <= {n.name for n in normzoo.available() if freezable(n)}
+
+
+@pytest.mark.parametrize("norm", [n.name for n in normzoo.available() if freezable(n)])
 def test_freeze_affine_leaves_the_norms_without_learnable_parameters(norm):
     model = lenet(norm, freeze_affine=True)
     lenet_layers = (nn.Conv2d, nn.Linear)
@@ -317,3 +334,10 @@ def test_a_norm_outside_normbase_declares_the_reestimation_capability():
     assert reestimate_running_stats(nn.Sequential(norm), split, 16, 3, torch.Generator()) == 1
     torch.testing.assert_close(norm.running_mean, images.mean().reshape(1))
     assert norm.momentum == 0.1
+
+
+@pytest.mark.parametrize("norm", [n.name for n in normzoo.available() if not freezable(n)])
+def test_freeze_affine_refuses_a_norm_that_learns_more_than_gamma_and_beta(norm):
+    with pytest.raises(normzoo.NormzooError) as raised:
+        lenet(norm, freeze_affine=True)
+    assert "\n" not in str(raised.value) and repr(norm) in str(raised.value)

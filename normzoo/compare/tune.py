@@ -162,4 +162,21 @@ def render_tuning(page: Page, tunings: list[Tuning]) -> str:
         "on the whole training set and tested on the test set, over the page's seeds.",
         "",
     ]
+    edges = [f"{t.label} ({describe(t.chosen)})" for t in tunings if at_edge(tune, t.chosen)]
+    if edges:
+        lines += [
+            f"At the edge of the range searched: {'; '.join(edges)}. Their best setting may lie "
+            "beyond it: widen the search before reading their rows as their best.",
+            "",
+        ]
     return "\n".join(lines)
+
+
+def at_edge(tune: Tune, chosen: dict[str, Any]) -> bool:
+    """Whether a chosen combination takes the smallest or the largest value tried of a numeric
+    setting searched over three values or more (with two, every choice is an edge)."""
+    for key, values in tune.space.items():
+        numbers = [v for v in values if isinstance(v, Real) and not isinstance(v, bool)]
+        if len(numbers) == len(values) >= 3 and chosen[key] in (min(numbers), max(numbers)):
+            return True
+    return False

@@ -239,9 +239,11 @@ class NormSlots:
     def _norm(self, slot: Slot) -> nn.Module:
         norm = registry.build(self.settings.norm, slot.channels, slot.layout, **self._options)
         if self.settings.freeze_affine and any(True for _ in norm.parameters()):
+            names = ", ".join(name for name, _ in norm.named_parameters())
+            how = "with affine=False" if "affine" in self._options else "and no 'affine' option"
             raise NormzooError(
-                f"norm {self.settings.norm!r} still has learnable parameters with affine=False; "
-                "--freeze-affine needs a norm whose 'affine' option removes them"
+                f"norm {self.settings.norm!r} still learns {names} {how}; --freeze-affine needs "
+                "a norm whose learnable parameters are all gamma and beta"
             )
         self._norms.append(norm)
         return norm
