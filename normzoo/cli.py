@@ -461,6 +461,13 @@ def _run(args: argparse.Namespace) -> int:
         if args.precise_examples != RunConfig.precise_examples:
             raise NormzooError("give --precise-examples or --precise-stats, not both")
         del settings["precise_examples"]
+    given = [key for key, _ in args.norm_options]
+    repeated = sorted({key for key in given if given.count(key) > 1})
+    if repeated:
+        raise NormzooError(
+            f"--norm-opt {repeated[0]} is given {given.count(repeated[0])} times; give each "
+            "option once"
+        )
     settings["norm_options"] = dict(args.norm_options)
     config = RunConfig(**settings, precise_stats=args.precise_stats)
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 reports

@@ -54,6 +54,9 @@ GRADCHECK_FEATURES = 2
 #: (pit's gradcheck with 5 channels) takes about 10 s on two busy CPU cores, yet a norm whose
 #: forward blocks fails instead of hanging the suite.
 CHECK_TIMEOUT = 120.0
+#: The name prefix of the threads :func:`run_with_timeout` runs a call in, and abandons when it
+#: overruns (the ``normzoo`` script ends the process past them: see ``normzoo_command``).
+ABANDONED_THREAD_PREFIX = "normzoo: "
 
 T = TypeVar("T")
 
@@ -581,7 +584,7 @@ def run_with_timeout(
         except BaseException as caught:  # re-raised on the caller's thread
             outcome["error"] = caught
 
-    thread = threading.Thread(target=target, name=f"normzoo: {what}", daemon=True)
+    thread = threading.Thread(target=target, name=ABANDONED_THREAD_PREFIX + what, daemon=True)
     thread.start()
     thread.join(timeout)
     if thread.is_alive():

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -338,3 +342,53 @@ def test_a_norm_that_blocks_the_trial_batch_is_named_before_any_directory(tmp_pa
     with pytest.raises(NormProbeError, match="trial batch of norm 'blocks' did not finish"):
         run(tmp_path, "blocks", Blocks)
     assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------- 11b: the watchdog's limit
+
+
+def test_a_probe_limit_that_is_not_a_number_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NORMZOO_PROBE_TIMEOUT", "abc")
+    assert main(["run", "--epochs", "1", "--runs-dir", str(tmp_path)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "NORMZOO_PROBE_TIMEOUT='abc' must be a number of seconds above 0" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_trial_batch_that_overruns_inside_torch_exits_2_not_abort(tmp_path):
+    """The abandoned trial-batch thread is still inside torch when the command returns; the
+    script ends the process past it instead of letting the interpreter's exit abort (134)."""
+    script = Path(sys.executable).parent / "normzoo"
+    if not script.exists():
+        pytest.skip("the normzoo script is not installed beside this Python")
+    env = dict(os.environ, NORMZOO_PROBE_TIMEOUT="0.001", OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [str(script), "run", "--epochs", "1", "--train-subset", "2048", "--runs-dir",
+         str(tmp_path)], env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "did not finish within 0.001 s" in done.stderr and "terminate" not in done.stderr
+
+
+def test_an_option_given_twice_is_refused(tmp_path, capsys):
+    argv = ["run", "--norm-opt", "momentum=none", "--norm-opt", "momentum=0.5"]
+    assert main([*argv, "--runs-dir", str(tmp_path)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "--norm-opt momentum is given 2 times; give each option once" in line
+
+
+class ExitsInForward(nn.Module):
+    """Calls ``sys.exit(3)`` in its forward: a plugin that ends the process its own way."""
+
+    def __init__(self, num_features: int, layout: str) -> None:
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sys.exit(3)
+
+
+def test_a_norm_that_calls_sys_exit_is_a_failure_naming_it(tmp_path):
+    with pytest.raises(NormProbeError) as caught:
+        run(tmp_path, "exits", ExitsInForward)
+    message = str(caught.value)
+    assert "norm 'exits'" in message and "SystemExit" in message and "\n" not in message

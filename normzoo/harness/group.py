@@ -10,6 +10,7 @@ training loop is written once for both. ``torchrun`` sets the environment this m
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import platform
 from dataclasses import dataclass
@@ -76,7 +77,25 @@ def current() -> Processes:
 
 def timeout() -> datetime.timedelta:
     """How long a collective waits for the other processes."""
-    return datetime.timedelta(seconds=float(os.environ.get("NORMZOO_DIST_TIMEOUT", TIMEOUT)))
+    return datetime.timedelta(seconds=environment_seconds("NORMZOO_DIST_TIMEOUT", TIMEOUT))
+
+
+def environment_seconds(variable: str, default: float) -> float:
+    """A time limit in seconds from the environment ``variable``, else ``default``; a value
+    that is not a finite number above 0 is one :class:`NormzooError` naming it."""
+    text = os.environ.get(variable)
+    if text is None:
+        return float(default)
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise NormzooError(
+            f"{variable}={text!r} must be a number of seconds above 0; unset it for the default "
+            f"{default:g} s"
+        )
+    return seconds
 
 
 def backend(device: torch.device) -> str:

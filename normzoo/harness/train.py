@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,7 +19,7 @@ from tqdm import tqdm
 
 from normzoo.base import cumulative_running_stats, reestimable_norms
 from normzoo.errors import NormzooError, describe
-from normzoo.harness.group import current
+from normzoo.harness.group import current, environment_seconds
 from normzoo.testing import run_with_timeout
 from normzoo.workloads.data import Dataset, Split
 from normzoo.workloads.slots import norm_modules
@@ -28,7 +27,7 @@ from normzoo.workloads.slots import norm_modules
 EVAL_BATCH = 2048
 #: Seconds the trial batch may take before a norm is taken to block (a first call of a norm
 #: that compiles, such as pit's numba loops, takes seconds); ``NORMZOO_PROBE_TIMEOUT`` overrides.
-PROBE_TIMEOUT = float(os.environ.get("NORMZOO_PROBE_TIMEOUT", 300))
+PROBE_TIMEOUT = 300.0
 #: On an accelerator, the loss is read (a host sync) every this many batches and at the last.
 SYNC_EVERY = 32
 
@@ -216,6 +215,7 @@ def probe_norms(model: nn.Module, split: Split, batch_size: int, label: str) -> 
 
     Both cost a forward pass of a few examples (and a copy of the model).
     """
+    limit = environment_seconds("NORMZOO_PROBE_TIMEOUT", PROBE_TIMEOUT)
     try:
         trial = copy.deepcopy(model)
     except Exception as error:
@@ -383,14 +383,14 @@ def probe_norms(model: nn.Module, split: Split, batch_size: int, label: str) -> 
 
         with _forked_rng(images.device):
             run_with_timeout(
-                trial_batch, PROBE_TIMEOUT, f"the trial batch of norm {label!r}",
+                trial_batch, limit, f"the trial batch of norm {label!r}",
                 error=lambda text: NormProbeError(
                     f"{text}; does a norm's forward block? (NORMZOO_PROBE_TIMEOUT sets the limit)"
                 ),
             )  # fmt: skip
     except NormProbeError:
         raise
-    except Exception as error:
+    except (Exception, SystemExit) as error:  # a plugin's sys.exit is its failure too
         detail = (
             str(error).strip() if isinstance(error, NormzooError) else
             f"{describe(error)}"
@@ -512,7 +512,7 @@ def train(
             metrics = replace(metrics, test_acc=processes.from_main(test_acc))
         except NormzooError:
             raise
-        except Exception as error:
+        except (Exception, SystemExit) as error:  # a plugin's sys.exit is its failure too
             raise TrainingFailed(
                 f"training with norm {label!r} failed in epoch {epoch}: {describe(error)}"
             ) from error
