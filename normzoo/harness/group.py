@@ -13,6 +13,7 @@ import datetime
 import math
 import os
 import platform
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,6 +134,8 @@ def use_threads(threads: int) -> None:
     other down many times over; every launcher of processes calls this in each one.
     """
     os.environ["OMP_NUM_THREADS"] = str(threads)
+    if "numba" not in sys.modules:  # a plugin's numba sizes its pool once, at its import
+        os.environ["NUMBA_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
 
 

@@ -31,8 +31,11 @@ machine's cores. A pool larger than the process's share of the cores thrashes wh
 processes share them (a 1-thread LeNet step with ``pit`` beside two other training processes
 on two cores ran 20x slower). So, unless ``NUMBA_NUM_THREADS`` is set, numba is imported with
 the variable set to torch's thread count, which every normzoo process launcher sets to the
-process's share, and the environment is left as it was: nothing outside this module needs to
-know that numba has a pool.
+process's share (:func:`normzoo.harness.group.use_threads` also sets the variable, for a
+process that has not imported numba yet). The variable then stays set to the pool's size:
+numba reads its configuration again at every compilation and refuses a pool size that
+differs from the one it launched (with the variable unset it would read the machine's cores,
+and a 1-thread process failed at its second run).
 
 ``tests/test_pit.py`` checks both against their torch equivalents.
 """
@@ -40,6 +43,7 @@ know that numba has a pool.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,17 +54,16 @@ import torch
 from torch.autograd.function import once_differentiable
 
 _POOL_SIZE = "NUMBA_NUM_THREADS"
-_given_pool_size = os.environ.get(_POOL_SIZE)
-os.environ[_POOL_SIZE] = _given_pool_size or str(torch.get_num_threads())
+if "numba" not in sys.modules:  # imported already: its pool is sized, and the variable with it
+    os.environ.setdefault(_POOL_SIZE, str(torch.get_num_threads()))
 try:
     import numba
 except ImportError:  # pragma: no cover (numba is a dependency; without it torch does the work)
     numba = None
-finally:
-    if _given_pool_size is None:
-        del os.environ[_POOL_SIZE]
-#: The size of numba's pool, fixed when numba was imported (its config may be re-read later).
+#: The size of numba's pool, fixed when numba was imported.
 POOL_THREADS = numba.config.NUMBA_NUM_THREADS if numba is not None else 0
+if numba is not None:
+    os.environ[_POOL_SIZE] = str(POOL_THREADS)
 
 #: The per-value loops run in parallel over channels; the per-channel ones (tables of a few
 #: hundred entries) on one thread, which also compiles several times faster.
