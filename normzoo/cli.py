@@ -429,8 +429,13 @@ def _compare(args: argparse.Namespace) -> int:
     )
     try:
         failures = compare(args.paths, config)
-    except KeyboardInterrupt as error:  # compare said what was stored
+    except KeyboardInterrupt as error:
+        from normzoo.harness.interrupts import raised_interruption_message, was_reported
+
         number = getattr(error, "signal_number", signal.SIGINT)  # bare: Python's own handler
+        if not was_reported(error):  # stopped before (or between) the runs: compare said nothing
+            said = str(error) or raised_interruption_message(error)
+            print(f"normzoo: {'interrupted' if number is not None else said}", file=sys.stderr)
         return 1 if number is None else 128 + number  # None: raised by code, not a signal
     return 1 if failures else 0
 

@@ -69,10 +69,19 @@ def closest_first(bad: str, valid: Iterable[str]) -> list[str]:
     return close + [name for name in pool if name not in close]
 
 
+#: Up to this many choices, :func:`suggest` lists them all; beyond it, the :data:`CLOSEST`
+#: closest and how many more (a page of 1000 variants would otherwise list every label).
+LIST_ALL = 25
+CLOSEST = 5
+
+
 def suggest(kind: str, bad: str, valid: Iterable[str]) -> str:
-    """One-line message: ``unknown <kind> 'bad'; valid: a, b, c`` (closest match first)."""
+    """One-line message: ``unknown <kind> 'bad'; valid: a, b, c`` (closest match first); of
+    more than :data:`LIST_ALL` choices, the :data:`CLOSEST` closest, then ``and N more``."""
     choices = closest_first(bad, valid)
     listing = ", ".join(choices) if choices else "(none)"
+    if len(choices) > LIST_ALL:
+        listing = f"{', '.join(choices[:CLOSEST])}, and {len(choices) - CLOSEST} more"
     return f"unknown {kind} {bad!r}; valid {kind}s: {listing}"
 
 

@@ -17,7 +17,13 @@ from PIL import Image
 from normzoo.compare import CompareConfig, check, compare
 from normzoo.compare.cache import ResultFileError
 from normzoo.compare.page import BEGIN, END, PageError, find_pages, parse_page
-from normzoo.compare.render import figure_paths, plot_problem
+from normzoo.compare.render import (
+    DATA_KEYWORD,
+    PLOT_KEYWORD,
+    figure_paths,
+    plot_problem,
+    plot_record,
+)
 
 TINY = "epochs = 1\ntrain_subset = 256\ntest_subset = 128\nprecise_stats = 2\n"
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -258,9 +264,13 @@ def test_check_notices_a_plot_that_does_not_record_its_page(tmp_path):
     assert compare([page], QUIET) == 0 and check([page]) == []
 
 
-def test_every_committed_plot_records_its_page():
+def test_every_committed_plot_records_its_page_which_plot_it_is_and_its_data():
+    """(Whether the recorded data are the stored results': `normzoo compare --check`.)"""
     paths = find_pages([REPOSITORY / "docs", REPOSITORY / "README.md", REPOSITORY / "examples"])
-    plots = [(page, plot) for page in map(parse_page, paths)
-             for plot in figure_paths(page).values()]  # fmt: skip
+    plots = [(page, name, plot) for page in map(parse_page, paths)
+             for name, plot in figure_paths(page).items()]  # fmt: skip
     assert len(plots) >= 19
-    assert [plot_problem(page, plot) for page, plot in plots] == [None] * len(plots)
+    assert [plot_problem(page, plot) for page, _, plot in plots] == [None] * len(plots)
+    for _, name, plot in plots:
+        record = plot_record(plot)
+        assert record[PLOT_KEYWORD] == name and len(record[DATA_KEYWORD]) == 64

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import stat
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -27,7 +26,7 @@ import torch
 
 from normzoo.bench import page as bench_page
 from normzoo.compare.cache import ResultStore, resolved_config, run_key
-from normzoo.compare.execute import PendingRun, run_all
+from normzoo.compare.execute import PendingRun, run_all, scratch_folder
 from normzoo.compare.page import Page, PageError, Variant, check_writable, find_pages, parse_page
 from normzoo.compare.render import (
     figure_paths,
@@ -48,7 +47,7 @@ from normzoo.compare.tune import (
     tuning,
 )
 from normzoo.errors import NormzooError
-from normzoo.harness.interrupts import stops_interrupt
+from normzoo.harness.interrupts import mark_reported, stops_interrupt
 from normzoo.harness.runs import atomic_write_bytes
 from normzoo.harness.train import accuracy_label
 from normzoo.workloads.slots import check_model_settings
@@ -224,18 +223,28 @@ def compare(
     its permission bits. A page that cannot be parsed, that cannot be written, or whose
     results or plots' folder cannot be written, is a :class:`PageError` before anything trains.
 
+    Two pages that would write the same plot file are a :class:`PageError` before anything
+    trains too. A run that fails (a plugin that raises, even :class:`KeyboardInterrupt`, or
+    whose worker process dies) is reported in one line and counted; the others go on.
+
     Ctrl-C or SIGTERM raise :class:`KeyboardInterrupt` (SIGTERM:
     :class:`~normzoo.harness.interrupts.RunInterrupted` with its ``signal_number``) once the
-    worker processes are stopped and the temporary folders removed. SIGKILL cannot be handled:
-    the workers then exit by themselves, but a ``--smoke`` scratch folder (``normzoo-smoke-*``)
-    and, with one job, the runs' ``normzoo-compare-*`` folder stay in the temporary directory.
+    worker processes are stopped and the temporary folders removed; when compare has said what
+    was stored, the exception is marked so
+    (:func:`~normzoo.harness.interrupts.was_reported`). SIGKILL cannot be handled: the workers
+    then exit by themselves, and the temporary folders (the runs' ``normzoo-compare-*``, a
+    ``--smoke`` test's ``normzoo-smoke-*``) are removed by a process that outlives the
+    comparison (:func:`~normzoo.compare.execute.scratch_folder`).
     """
     pages = [parse_page(path) for path in find_pages(list(paths))]
     if not pages:
         raise NormzooError(f"no page with a ```normzoo experiment block in {_listed(paths)}")
-    # a smoke test stores its results in a scratch folder, made where SIGTERM removes it; a
-    # real comparison makes none
-    smoke = partial(tempfile.TemporaryDirectory, prefix="normzoo-smoke-")
+    shared = shared_plots(pages)  # refused now, not after the first page's runs trained
+    if shared:
+        raise PageError(shared[0])
+    # a smoke test stores its results in a scratch folder, made where SIGTERM (and, after
+    # SIGKILL, its remover) removes it; a real comparison makes none
+    smoke = partial(scratch_folder, "normzoo-smoke-")
     with stops_interrupt(), (smoke if config.smoke else nullcontext)() as scratch:
         smoke_dir = Path(scratch) if scratch else None
         if config.smoke:  # one tuning seed, as one seed per variant
@@ -285,10 +294,12 @@ def compare(
                 or (fresh.tune != page.tune)
             ):
                 say(f"{page.path}: its experiment changed while running; run again")
-            elif section != fresh.generated:
-                mode = stat.S_IMODE(os.stat(page.path).st_mode)
-                atomic_write_bytes(page.path, fresh.with_generated(section).encode())
-                os.chmod(page.path, mode)  # a new file: the page's own permissions, not umask's
+            elif fresh.with_generated(section) != fresh.text:
+                # the page's file (through a symbolic link: the file it leads to, the link
+                # kept), every character outside the section as it was, its line endings too
+                mode = stat.S_IMODE(os.stat(fresh.path).st_mode)
+                atomic_write_bytes(fresh.path, fresh.with_generated(section).encode("utf-8"))
+                os.chmod(fresh.path, mode)  # a new file: the page's own permissions, not umask's
                 say(f"{page.path}: results updated")
             else:
                 say(f"{page.path}: up to date")
@@ -376,10 +387,11 @@ def _run_with_progress(
 
     try:
         run_all(todo, jobs, threads, done)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as error:
         bar.close()
         say(f"interrupted: {stored} of {len(todo)} runs finished and stored; run the same "
             "command again to resume")  # fmt: skip
+        mark_reported(error)  # the command line says nothing more
         raise
     bar.close()
     return failures
@@ -405,11 +417,15 @@ def check(paths: Sequence[Path | str]) -> list[str]:
     Renders every page from its stored results only, never trains. A problem is a page that
     cannot be parsed, names an unknown norm or option, misses a run, has a result file that is
     not its run's or lacks a field (:meth:`~normzoo.compare.cache.ResultStore.load`), lacks a
-    plot or has a plot that does not record this page as the one it was drawn for, shares a
-    plot file with another of the pages, or whose generated section differs from what its
-    stored results give (the first differing line); also a ``normzoo bench`` section that
-    differs from its stored measurement (:func:`normzoo.bench.page.check`).
+    plot or has a plot that does not record this page as the one it was drawn for, which of
+    the page's plots it is, or the digest of the results it must be drawn from
+    (:func:`~normzoo.compare.render.plot_problem`), shares a plot file with another of the
+    pages, or whose generated section differs from what its stored results give (the first
+    differing line, in the page's line endings); also a ``normzoo bench`` section that differs
+    from its stored measurement (:func:`normzoo.bench.page.check`).
     """
+    from normzoo.compare.render import plot_digests
+
     problems = bench_page.check(list(paths))
     pages = find_pages(list(paths))
     if not pages and not bench_page.find_pages(list(paths)):
@@ -442,7 +458,7 @@ def check(paths: Sequence[Path | str]) -> list[str]:
                             f"run normzoo compare {page.path}")  # fmt: skip
             continue
         expected = _render(page, summaries, tunings).split("\n")
-        found = page.generated.split("\n")
+        found = page.generated.split(page.newline)
         for offset, (want, have) in enumerate(zip_longest(expected, found)):
             if want != have:
                 problems.append(
@@ -451,11 +467,12 @@ def check(paths: Sequence[Path | str]) -> list[str]:
                     f"normzoo compare {page.path}"
                 )
                 break
-        for plot in figure_paths(page).values():
+        digests = plot_digests(page, summaries, tunings)
+        for name, plot in figure_paths(page).items():
             if not plot.is_file():
                 problems.append(f"{page.where()}: plot {plot} is missing; run normzoo compare "
                                 f"{page.path}")  # fmt: skip
             elif plotted.count(plot.resolve()) == 1:  # a shared plot is reported above
-                problem = plot_problem(page, plot)
+                problem = plot_problem(page, plot, digests[name])
                 problems += [problem] if problem else []
     return problems

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,16 @@ class ResultFileError(NormzooError):
 RESULT_STATUSES = ("finished", "diverged")
 #: The numbers of each epoch that the table and the plots read.
 EPOCH_NUMBERS = ("epoch", "train_loss", "train_acc", "test_acc", "examples_per_sec")
+#: What each epoch number must be besides finite (a stored result holds no NaN or infinity:
+#: a run whose loss stops being finite ends as ``diverged`` with the epochs before it, and the
+#: result files are strict JSON), as a test and its name in a message.
+EPOCH_RANGES = {
+    "epoch": (lambda value: value >= 1 and value == int(value), "an epoch number >= 1"),
+    "train_loss": (lambda value: value >= 0, "a loss >= 0"),
+    "train_acc": (lambda value: 0 <= value <= 1, "an accuracy in [0, 1]"),
+    "test_acc": (lambda value: 0 <= value <= 1, "an accuracy in [0, 1]"),
+    "examples_per_sec": (lambda value: value > 0, "a speed > 0"),
+}
 #: What the result files written before workloads existed lack in their ``config``: the
 #: workload they were all computed on, at its version then. Pinned rather than read from
 #: :class:`RunConfig` and the registry, so that a new default workload or a bumped version
@@ -108,6 +119,11 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_finite(value: Any) -> bool:
+    """A number that is not NaN or infinite (an int of any size is finite)."""
+    return _is_number(value) and (isinstance(value, int) or math.isfinite(value))
+
+
 def _field_problem(
     container: dict[str, Any], field: str, kind: str, prefix: str = ""
 ) -> str | None:
@@ -119,6 +135,7 @@ def _field_problem(
     value = container[field]
     checks = {
         "a number": _is_number(value),
+        "a finite number": _is_finite(value),
         "a count >= 1": isinstance(value, int) and not isinstance(value, bool) and value >= 1,
         "a string": isinstance(value, str),
         "an object": isinstance(value, dict),
@@ -130,12 +147,13 @@ def _field_problem(
 def shape_problem(result: Any) -> str | None:
     """What a loaded result file lacks of what the table and the plots read
     (:mod:`~normzoo.compare.summary`, :mod:`~normzoo.compare.render`), the first bad field
-    named; ``None`` when it has it all."""
+    named; ``None`` when it has it all. Each epoch's numbers must be finite and in their range
+    (:data:`EPOCH_RANGES`): an accuracy of 7.5 would be averaged into the table unnoticed."""
     if not isinstance(result, dict):
         return f"a JSON {type(result).__name__}, not an object"
     for field, kind in (
         ("key", "a string"), ("config", "an object"), ("status", "a string"),
-        ("epochs", "a list"), ("affine", "an object"), ("seconds", "a number"),
+        ("epochs", "a list"), ("affine", "an object"), ("seconds", "a finite number"),
         ("machine", "a string"), ("device", "a string"), ("threads", "a count >= 1"),
     ):  # fmt: skip
         problem = _field_problem(result, field, kind)
@@ -153,6 +171,11 @@ def shape_problem(result: Any) -> str | None:
             problem = _field_problem(epoch, field, "a number", f"epochs[{index}].")
             if problem:
                 return problem
+            value, (fits, what) = epoch[field], EPOCH_RANGES[field]
+            if not _is_finite(value):
+                return f"epochs[{index}].{field} is {value!r}, not a finite number"
+            if not fits(value):
+                return f"epochs[{index}].{field} is {_short(value)}, not {what}"
     if result["status"] == "finished" and len(result["epochs"]) != result["config"]["epochs"]:
         return (
             f"status is finished but epochs holds {len(result['epochs'])} epochs, "
@@ -165,7 +188,7 @@ def shape_problem(result: Any) -> str | None:
             names = (f"{parameter}_mean", f"{parameter}_std")
             if any(name in entry for name in names):
                 for name in names:
-                    problem = _field_problem(entry, name, "a number", f"affine[{layer!r}].")
+                    problem = _field_problem(entry, name, "a finite number", f"affine[{layer!r}].")
                     if problem:
                         return problem
     return None

@@ -87,7 +87,7 @@ else:  # pragma: no cover
 
 BEGIN = "<!-- normzoo:results:begin -->"
 END = "<!-- normzoo:results:end -->"
-_FENCE = re.compile(r"^```normzoo[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
+_FENCE = re.compile(r"^```normzoo[ \t]*\r?\n(.*?)^```[ \t]*\r?$", re.M | re.S)  # LF or CRLF
 _TOP_KEYS = (
     "seeds", "baseline", "results", "figures", "plots", "base", "grid", "variant", "tune",
 )  # fmt: skip
@@ -154,9 +154,10 @@ class Variant:
 class Page:
     """A parsed comparison page.
 
-    ``text`` is the whole file; ``block_line`` the line of the experiment block (1-based);
-    ``begin``/``end`` the character offsets of the generated section's content (between the
-    markers).
+    ``path`` is the page's file, through any symbolic link: its folders are relative to it, and
+    its rewrite replaces it, not the link. ``text`` is the whole file as it is (its line
+    endings kept); ``block_line`` the line of the experiment block (1-based); ``begin``/``end``
+    the character offsets of the generated section's content (between the markers).
     """
 
     path: Path
@@ -180,8 +181,19 @@ class Page:
     def generated_line(self) -> int:
         return self.text.count("\n", 0, self.begin) + 1
 
+    @property
+    def newline(self) -> str:
+        """The page's line ending: ``"\\r\\n"`` where most of its lines end so, else ``"\\n"``."""
+        return "\r\n" if 2 * self.text.count("\r\n") > self.text.count("\n") else "\n"
+
+    def as_written(self, section: str) -> str:
+        """``section`` (lines ending ``"\\n"``) with the page's line endings."""
+        return section if self.newline == "\n" else re.sub(r"(?<!\r)\n", "\r\n", section)
+
     def with_generated(self, section: str) -> str:
-        return self.text[: self.begin] + section + self.text[self.end :]
+        """The page with ``section`` between its markers, in the page's line endings; every
+        other character as it is."""
+        return self.text[: self.begin] + self.as_written(section) + self.text[self.end :]
 
     def where(self, line: int | None = None) -> str:
         return f"{self.path}:{line if line is not None else self.block_line}"
@@ -189,7 +201,8 @@ class Page:
 
 def find_pages(paths: list[Path | str]) -> list[Path]:
     """The Markdown files named, and those under named directories that hold an experiment
-    block, sorted; a path that does not exist is an error naming it."""
+    block, sorted, each file once (a symbolic link and the page it leads to are one page); a
+    path that does not exist is an error naming it."""
     pages: list[Path] = []
     for given in paths:
         path = Path(given)
@@ -202,16 +215,28 @@ def find_pages(paths: list[Path | str]) -> list[Path]:
             pages.append(path)
         else:
             raise PageError(f"{path}: no such file or directory")
-    return pages
+    unique: dict[Path, Path] = {}
+    for page in pages:
+        unique.setdefault(page.resolve(), page)
+    return list(unique.values())
 
 
 def parse_page(path: Path | str) -> Page:
-    """Read ``path`` and its experiment block; raises :class:`PageError` naming the line."""
+    """Read ``path`` and its experiment block; raises :class:`PageError` naming the line.
+
+    A ``path`` that is a symbolic link stands for the file it leads to (the page's ``path``):
+    its ``results`` and ``figures`` are relative to that file's folder, not the link's.
+    """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        # as it is: newline="" keeps CRLF line endings, which the rewrite keeps
+        with open(path, encoding="utf-8", newline="") as file:
+            text = file.read()
     except (OSError, UnicodeDecodeError) as error:
         raise PageError(f"{path}: cannot be read as UTF-8 text: {error}") from None
+    if path.is_symlink():
+        real = os.path.realpath(path)
+        path = Path(real if path.is_absolute() else os.path.relpath(real))
     blocks = list(_FENCE.finditer(text))
     if len(blocks) != 1:
         raise PageError(

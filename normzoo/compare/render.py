@@ -8,17 +8,23 @@ that share a ``figures`` folder would write the same plots. Each plot records th
 drawn for (a PNG text chunk, :data:`PAGE_KEYWORD`): a page never writes over the plot of
 another page that claims it (:func:`render_plots`), and ``--check`` reports a page whose plot
 names another page (:func:`plot_owner`) and pages that would share a plot
-(:func:`shared_plots`).
+(:func:`shared_plots`). Each plot also records which of the page's plots it is
+(:data:`PLOT_KEYWORD`) and a digest of the numbers it was drawn from (:data:`DATA_KEYWORD`,
+:func:`plot_digest`), not of its pixels, which differ between matplotlib versions: ``--check``
+reports a plot copied over another of the page's, and one kept from results since changed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import math
 import os
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from normzoo.compare.page import Page, PageError, parse_page
 from normzoo.compare.summary import FAMILY_ERROR, LAST_EPOCHS, LEVEL, Interval, VariantSummary
@@ -29,6 +35,10 @@ from normzoo.harness.runs import atomic_write_bytes
 #: The keyword of the PNG text chunk in which a plot records its page: the page's path
 #: relative to the plot's folder, so the record survives moving the whole tree.
 PAGE_KEYWORD = "normzoo page"
+#: The keyword of the PNG text chunk naming which plot it is: ``curves``, ``finals``, ...
+PLOT_KEYWORD = "normzoo plot"
+#: The keyword of the PNG text chunk holding :func:`plot_digest` of what the plot was drawn from.
+DATA_KEYWORD = "normzoo data"
 
 
 def _number(value: float, decimals: int = 3, sign: bool = False) -> str:
@@ -97,40 +107,110 @@ def _shared_line(page: Page, path: Path, other: Path) -> str:
     )
 
 
-def plot_owner(path: Path) -> Path | None:
-    """The page that the plot at ``path`` was drawn for, as it records it; ``None`` for a PNG
-    that does not record it (not drawn by ``normzoo compare``). :class:`NormzooError` for a
+def plot_record(path: Path) -> dict[str, str]:
+    """The PNG text chunks of the plot at ``path`` (:data:`PAGE_KEYWORD`, :data:`PLOT_KEYWORD`,
+    :data:`DATA_KEYWORD` for a plot that ``normzoo compare`` drew). :class:`NormzooError` for a
     file that is not a readable PNG."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            mark = image.text.get(PAGE_KEYWORD)  # reads the chunks after the image data too
+            return dict(image.text)  # reads the chunks after the image data too
     except (OSError, SyntaxError, ValueError) as error:
         raise NormzooError(f"plot {path} is not a readable PNG ({error})") from None
+
+
+def plot_owner(path: Path) -> Path | None:
+    """The page that the plot at ``path`` was drawn for, as it records it; ``None`` for a PNG
+    that does not record it (not drawn by ``normzoo compare``). :class:`NormzooError` for a
+    file that is not a readable PNG."""
+    mark = plot_record(path).get(PAGE_KEYWORD)
     return None if mark is None else Path(os.path.normpath(path.parent / mark))
 
 
-def plot_problem(page: Page, plot: Path) -> str | None:
+def plot_problem(page: Page, plot: Path, digest: str | None = None) -> str | None:
     """A line if the plot file ``plot`` of ``page`` is not known to be the page's own: not a
     readable PNG, drawn for another page, or not saying for which (not drawn by normzoo
-    compare); ``None`` when it is the page's."""
+    compare); another of the page's plots (its name is not the one the file is named after);
+    or, given the ``digest`` of what it should be drawn from (:func:`plot_digest`), drawn from
+    other results. ``None`` when it is the page's and, with a ``digest``, up to date."""
+    rerun = f"run normzoo compare {page.path}"
     try:
-        owner = plot_owner(plot)
+        record = plot_record(plot)
     except NormzooError as error:
-        return f"{page.where()}: {error}; run normzoo compare {page.path}"
-    if owner is None:
+        return f"{page.where()}: {error}; {rerun}"
+    mark = record.get(PAGE_KEYWORD)
+    if mark is None:
         return (
             f"{page.where()}: plot {plot} does not record the page it was drawn for (not "
-            f"drawn by normzoo compare); run normzoo compare {page.path}"
+            f"drawn by normzoo compare); {rerun}"
         )
-    if _same_file(owner, page.path):
-        return None
-    return (
-        f"{page.where()}: plot {plot} was written by {owner}, not by this page; run normzoo "
-        f"compare {page.path} (if {owner} writes it too, give one of the two pages another "
-        "`figures` folder)"
-    )
+    owner = Path(os.path.normpath(plot.parent / mark))
+    if not _same_file(owner, page.path):
+        return (
+            f"{page.where()}: plot {plot} was written by {owner}, not by this page; {rerun} "
+            f"(if {owner} writes it too, give one of the two pages another `figures` folder)"
+        )
+    name = next((n for n, p in figure_paths(page).items() if _same_file(p, plot)), None)
+    drawn = record.get(PLOT_KEYWORD)
+    if drawn is None or DATA_KEYWORD not in record:
+        return (
+            f"{page.where()}: plot {plot} does not record which plot it is and what it was "
+            f"drawn from (drawn by an older normzoo compare); {rerun}"
+        )
+    if name is not None and drawn != name:
+        return (
+            f"{page.where()}: plot {plot} is the page's {drawn} plot, not its {name} plot "
+            f"(copied over it?); {rerun}"
+        )
+    if digest is not None and record[DATA_KEYWORD] != digest:
+        return f"{page.where()}: plot {plot} was drawn from other results; {rerun}"
+    return None
+
+
+def plot_data(
+    plot: str, summaries: list[VariantSummary], tunings: list[Tuning] | None = None
+) -> Any:
+    """What the drawer of ``plot`` reads, as JSON values: per variant (in the page's order) its
+    label and, per seed in the order the drawer takes them, the numbers it draws."""
+    if plot == "tuning":
+        # a combination as [setting, value] pairs, in the order its label names them
+        return [
+            [t.label, [[list(map(list, values.items())), scores] for values, scores in t.scores],
+             list(map(list, t.chosen.items()))]
+            for t in tunings or []
+        ]  # fmt: skip
+    rows = []
+    for summary in summaries:
+        if plot == "curves":
+            runs = [[seed, [[e["epoch"], e["test_acc"], e["train_acc"]] for e in r["epochs"]]]
+                    for seed, r in summary.runs.items()]  # fmt: skip
+        elif plot == "finals":
+            runs = [[seed, r["status"], r["epochs"][-1]["test_acc"] if r["epochs"] else None]
+                    for seed, r in sorted(summary.runs.items())]  # fmt: skip
+        else:  # affine
+            runs = [[seed, r["affine"]] for seed, r in sorted(summary.runs.items())]
+        rows.append([summary.label, runs])
+    return rows
+
+
+def plot_digest(
+    plot: str, summaries: list[VariantSummary], tunings: list[Tuning] | None = None
+) -> str:
+    """The sha256 of the plot's name and :func:`plot_data`, as canonical JSON: the same on
+    every machine for the same stored results, and another whenever a drawn number changes."""
+    canonical = json.dumps(
+        [plot, plot_data(plot, summaries, tunings)],
+        sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str,
+    )  # fmt: skip
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def plot_digests(
+    page: Page, summaries: list[VariantSummary], tunings: list[Tuning] | None = None
+) -> dict[str, str]:
+    """:func:`plot_digest` of each of the page's plots."""
+    return {plot: plot_digest(plot, summaries, tunings) for plot in page.plots}
 
 
 def _claims(page_path: Path, plot: Path) -> bool:
@@ -210,8 +290,8 @@ def _footer(page: Page, summaries: list[VariantSummary]) -> str:
     tested = sum(s.adjusted_p is not None for s in summaries)
     untested = sum(s.versus_baseline is not None and s.adjusted_p is None for s in summaries)
     return (
-        f"{len(results)} run{plural} (seeds {seeds}; {'/'.join(map(str, epochs))} epochs "
-        "each); "
+        f"{len(results)} run{plural} (seeds {seeds}; {'/'.join(map(str, epochs))} "
+        f"epoch{'s' if epochs != [1] else ''} each); "
         f"measured on {'; '.join(machines)}; {hours:.1f} h of run time in all. "
         f"Intervals: Student t over seeds; the paired column is the mean difference in final "
         f"test accuracy to {page.baseline}{baselines} over the same seeds. "
@@ -241,8 +321,9 @@ def _verdicts(tested: int, untested: int) -> str:
 def render_plots(
     page: Page, summaries: list[VariantSummary], tunings: list[Tuning] | None = None
 ) -> None:
-    """Write the page's plots (PNG) beside it, each recording the page; a tuned page's
-    ``tunings`` draw its sensitivity plot.
+    """Write the page's plots (PNG) beside it, each recording the page, which plot it is and
+    the digest of what it was drawn from (:func:`plot_digest`); a tuned page's ``tunings``
+    draw its sensitivity plot.
 
     :class:`PageError` naming both pages, before any plot is written, when a plot file is
     another page's: it records that page, which still writes it.
@@ -270,7 +351,9 @@ def render_plots(
         figure = drawers[plot]()
         buffer = io.BytesIO()
         mark = Path(os.path.relpath(page.path.resolve(), path.parent.resolve())).as_posix()
-        figure.savefig(buffer, format="png", metadata={"Software": None, PAGE_KEYWORD: mark})
+        record = {PAGE_KEYWORD: mark, PLOT_KEYWORD: plot,
+                  DATA_KEYWORD: plot_digest(plot, summaries, tunings)}  # fmt: skip
+        figure.savefig(buffer, format="png", metadata={"Software": None, **record})
         plt.close(figure)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, buffer.getvalue())

@@ -37,6 +37,10 @@ class RunInterrupted(KeyboardInterrupt):
         self.signal_number = signal_number
         self.directory = directory
 
+    def __reduce__(self) -> tuple:  # from a worker process to its parent, whole
+        message = self.args[0] if self.args else ""
+        return type(self), (message, self.signal_number, self.directory), self.__dict__
+
 
 def interruption_message(signal_number: int, finished_epochs: int) -> str:
     """What ``metrics.json`` and the terminal say of a run that signal ``signal_number`` ended."""
@@ -64,6 +68,17 @@ def raised_interruption_message(error: BaseException, finished_epochs: int | Non
         f"interrupted by a KeyboardInterrupt raised in {raised_where(error)}, not by Ctrl-C or "
         f"a signal{after}"
     )
+
+
+def mark_reported(error: BaseException) -> None:
+    """Note on ``error`` (a :class:`KeyboardInterrupt`) that the user has been told about it,
+    so that the command line does not say it again."""
+    error.normzoo_reported = True  # type: ignore[attr-defined]
+
+
+def was_reported(error: BaseException) -> bool:
+    """Whether :func:`mark_reported` was called on ``error``."""
+    return getattr(error, "normzoo_reported", False) is True
 
 
 def signal_number_of(error: BaseException) -> int | None:
