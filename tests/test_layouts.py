@@ -277,8 +277,8 @@ def test_low_precision_inputs_are_normalized_in_float32(norm, dtype):
             y = module(x)
             expected = reference(x.double())
         assert y.dtype == dtype and torch.isfinite(y).all()
-        if norm != "none":
-            assert y.float().std() > 0.5
+        if norm != "none":  # not collapsed (EvoNorm-B0 divides by the larger of two scales,
+            assert y.float().std() > 0.3  # so its output's spread is below 1: about 0.47 here)
         tolerance = 0.1 if dtype == torch.float16 else 0.5
         torch.testing.assert_close(y.double(), expected, rtol=0.05, atol=tolerance)
 
