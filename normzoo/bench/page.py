@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from normzoo import registry
-from normzoo.bench.timing import BASELINE, DEFAULT_WORKLOAD, MODES, NOISY_SPREAD
+from normzoo.bench.timing import DEFAULT_WORKLOAD, MODES, NOISY_SPREAD, baseline_of
 from normzoo.errors import NormzooError
 from normzoo.harness.runs import atomic_write_json
 from normzoo.interface import Slot
@@ -106,9 +106,9 @@ def render(data: dict[str, Any]) -> str:
     lines = [
         f"Measured by `{data['command']}` on {data['machine']}, torch {data['torch']}: batch "
         f"{config['batch_size']}, {config['threads']} thread(s), device {config['device']}, "
-        f"{rounds} alternating rounds per case against `{BASELINE}` in the same place. A ratio "
-        f"is the median of the per-round ratios; (noisy) marks a spread (interquartile range "
-        f"over the median) above {NOISY_SPREAD:.0%}.",
+        f"{rounds} alternating rounds per case against `{baseline_of(workload)}` in the same "
+        f"place. A ratio is the median of the per-round ratios; (noisy) marks a spread "
+        f"(interquartile range over the median) above {NOISY_SPREAD:.0%}.",
         "",
     ]
     model = _model_table(results, norms, workload)

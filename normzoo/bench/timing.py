@@ -2,9 +2,10 @@
 
 Separate runs on a shared machine mislead (two runs of the same code differ by more than the
 norms do), so every case times the candidate and the baseline (``torch-batchnorm`` in the same
-slots) in alternating rounds, each round a :class:`torch.utils.benchmark.Timer`
-``blocked_autorange`` after a warm-up, and reports the median of the per-round ratios. The
-thread count is fixed and reported.
+slots; ``layernorm`` for a workload of ``seq`` slots only, see :func:`baseline_of`) in
+alternating rounds, each round a :class:`torch.utils.benchmark.Timer` ``blocked_autorange``
+after a warm-up, and reports the median of the per-round ratios. The thread count is fixed
+and reported.
 
 The cases come from a registered workload (``lenet`` by default), so the shapes timed are the
 ones a run trains, not a restatement of them:
@@ -51,6 +52,10 @@ if TYPE_CHECKING:
     from normzoo.bench.pipelines import EndToEnd
 
 BASELINE = "torch-batchnorm"
+#: The baseline of a workload whose slots are all ``seq`` (a transformer's): layer norm, what
+#: transformers use (``layernorm`` on ``seq`` normalizes each token over its channels, as
+#: ``nn.LayerNorm(C)``), not batch statistics over tokens.
+SEQ_BASELINE = "layernorm"
 #: The workload measured when none is named; a results file records its workload only when it
 #: is another one, so the files (and pages) measured before workloads existed stay as they are.
 DEFAULT_WORKLOAD = ModelSettings.workload
@@ -77,6 +82,12 @@ def _case_table(workload: str) -> dict[str, tuple[Slot | None, str]]:
     for slot in info.slots:
         table.update({f"{slot.name}-{mode}": (slot, mode) for mode in MODES})
     return table
+
+
+def baseline_of(workload: str) -> str:
+    """The norm every case of ``workload`` is timed against: :data:`SEQ_BASELINE` where all
+    its slots are ``seq``, else :data:`BASELINE` (torch's batch norm)."""
+    return SEQ_BASELINE if registry.workload(workload).layouts == ("seq",) else BASELINE
 
 
 @dataclass(frozen=True)
@@ -234,7 +245,7 @@ def measure(
     rounds."""
     device = images.device
     candidate = _case(case, norm, images, labels, config.workload)
-    baseline = _case(case, BASELINE, images, labels, config.workload)
+    baseline = _case(case, baseline_of(config.workload), images, labels, config.workload)
     rounds, min_run_time = config.timing()
     for function in (candidate, baseline):  # warm-up: allocator, lazy init, caches
         for _ in range(3):
@@ -306,7 +317,7 @@ def format_table(results: Sequence[Measurement], config: BenchConfig) -> str:
     """A Markdown table of the results, with the settings they were measured under."""
     lines = [
         f"workload {config.workload}, batch {config.batch_size}, {config.threads} thread(s), "
-        f"device {config.device}, baseline {BASELINE} in the same rounds",
+        f"device {config.device}, baseline {baseline_of(config.workload)} in the same rounds",
         "",
         "| norm | case | ms | baseline ms | ratio | spread | saved for backward (ratio) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
