@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from normzoo import registry
-from normzoo.errors import NormzooError, suggest
+from normzoo.errors import NormzooError, describe, suggest
 from normzoo.harness.group import machine_description, resolve_device
 from normzoo.harness.runs import atomic_write_json
 from normzoo.interface import Slot
@@ -305,6 +305,10 @@ def run_bench(
                     result = measure(case, norm, images, labels, config)
                 except NormzooError as error:
                     on_skip(norm, case, str(error))
+                    continue
+                except Exception as error:  # a norm that fails on these inputs (eigh not
+                    # converging on a random batch) costs its case, not the measurement
+                    on_skip(norm, case, f"failed: {describe(error)}")
                     continue
                 results.append(result)
                 on_result(result)
