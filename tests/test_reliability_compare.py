@@ -234,17 +234,15 @@ def console_scripts() -> dict[str, list[str]]:
     return scripts | ({"script": [str(script)]} if script.exists() else {})
 
 
-@pytest.mark.parametrize("entry", console_scripts().values(), ids=console_scripts().keys())
-def test_ctrl_c_while_starting_up_is_one_line_and_130(tmp_path, entry):
-    """Ctrl-C while a plugin is still being imported (the start-up of every command)."""
-    site = install_fake_distribution(
-        tmp_path / "site", "normzoo_slow", "normzoo_slow", SLOW_PLUGIN, "slow"
-    )
-    marker = tmp_path / "marker"
+def interrupted_at_the_marker(
+    command: list[str], site: Path, marker: Path
+) -> tuple[int | None, str, str]:
+    """Run ``command`` with ``site`` first on PYTHONPATH, send SIGINT once the code it imports
+    writes ``marker``; its exit status, stdout and stderr."""
     path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, PYTHONPATH=path, NORMZOO_TEST_MARKER=str(marker))
-    process = subprocess.Popen([*entry, "list"], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 60
         while not marker.exists():
@@ -254,7 +252,17 @@ def test_ctrl_c_while_starting_up_is_one_line_and_130(tmp_path, entry):
         out, err = process.communicate(timeout=30)
     finally:
         process.kill()
-    assert process.returncode == 130, err
+    return process.returncode, out, err
+
+
+@pytest.mark.parametrize("entry", console_scripts().values(), ids=console_scripts().keys())
+def test_ctrl_c_while_starting_up_is_one_line_and_130(tmp_path, entry):
+    """Ctrl-C while a plugin is still being imported (the start-up of every command)."""
+    site = install_fake_distribution(
+        tmp_path / "site", "normzoo_slow", "normzoo_slow", SLOW_PLUGIN, "slow"
+    )
+    returncode, out, err = interrupted_at_the_marker([*entry, "list"], site, tmp_path / "marker")
+    assert returncode == 130, err
     assert err.strip().splitlines() == ["normzoo: interrupted"]
 
 
@@ -292,20 +300,8 @@ def test_ctrl_c_while_the_script_imports_torch_is_one_line_and_130(tmp_path):
     if not script.exists():
         pytest.skip("the normzoo script is not installed beside this Python")
     (tmp_path / "sitecustomize.py").write_text(SLOW_TORCH)
-    marker = tmp_path / "marker"
-    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, PYTHONPATH=path, NORMZOO_TEST_MARKER=str(marker))
-    process = subprocess.Popen([str(script), "list"], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while not marker.exists():
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=30)
-    finally:
-        process.kill()
-    assert process.returncode == 130, err
+    returncode, out, err = interrupted_at_the_marker([str(script), "list"], tmp_path,
+                                                     tmp_path / "marker")  # fmt: skip
+    assert returncode == 130, err
     assert err.strip().splitlines() == ["normzoo: interrupted"]
     assert out == ""  # the list was not printed
