@@ -35,7 +35,13 @@ from normzoo.compare.render import (
     render_section,
     shared_plots,
 )
-from normzoo.compare.summary import VariantSummary, adjust_for_multiplicity, summarize
+from normzoo.compare.summary import (
+    RUNNING_AVERAGES,
+    VariantSummary,
+    adjust_for_multiplicity,
+    record_running_averages,
+    summarize,
+)
 from normzoo.compare.tune import (
     Trial,
     Tuning,
@@ -202,11 +208,16 @@ def _summaries(page: Page, planned: list[_PlannedRun]) -> tuple[list[VariantSumm
             missing += 1
         else:
             by_variant[run.variant.label][run.seed] = result
+    both = record_running_averages([r for runs in by_variant.values() for r in runs.values()])
     summaries = []
     for variant in page.variants:
         baseline = variant.baseline or page.baseline
         paired = None if baseline == variant.label else by_variant[baseline]
-        summaries.append(summarize(variant.label, by_variant[variant.label], paired))
+        summary = summarize(variant.label, by_variant[variant.label], paired)
+        if both:
+            running = summarize(variant.label, by_variant[variant.label], paired, RUNNING_AVERAGES)
+            summary = replace(summary, running=running)
+        summaries.append(summary)
     return adjust_for_multiplicity(summaries), missing
 
 

@@ -91,6 +91,9 @@ class ResultFileError(NormzooError):
 RESULT_STATUSES = ("finished", "diverged")
 #: The numbers of each epoch that the table and the plots read.
 EPOCH_NUMBERS = ("epoch", "train_loss", "train_acc", "test_acc", "examples_per_sec")
+#: The numbers only some epochs hold: ``running_test_acc`` is recorded by runs that re-estimate
+#: their statistics (:class:`~normzoo.harness.train.EpochMetrics`), and by no run made before it.
+OPTIONAL_EPOCH_NUMBERS = ("running_test_acc",)
 #: What each epoch number must be besides finite (a stored result holds no NaN or infinity:
 #: a run whose loss stops being finite ends as ``diverged`` with the epochs before it, and the
 #: result files are strict JSON), as a test and its name in a message.
@@ -99,6 +102,7 @@ EPOCH_RANGES = {
     "train_loss": (lambda value: value >= 0, "a loss >= 0"),
     "train_acc": (lambda value: 0 <= value <= 1, "an accuracy in [0, 1]"),
     "test_acc": (lambda value: 0 <= value <= 1, "an accuracy in [0, 1]"),
+    "running_test_acc": (lambda value: 0 <= value <= 1, "an accuracy in [0, 1]"),
     "examples_per_sec": (lambda value: value > 0, "a speed > 0"),
 }
 #: What the result files written before workloads existed lack in their ``config``: the
@@ -167,7 +171,8 @@ def shape_problem(result: Any) -> str | None:
     for index, epoch in enumerate(result["epochs"]):
         if not isinstance(epoch, dict):
             return f"epochs[{index}] is {_short(epoch)}, not an object"
-        for field in EPOCH_NUMBERS:
+        present = [field for field in OPTIONAL_EPOCH_NUMBERS if field in epoch]
+        for field in (*EPOCH_NUMBERS, *present):
             problem = _field_problem(epoch, field, "a number", f"epochs[{index}].")
             if problem:
                 return problem

@@ -10,6 +10,11 @@ differences with no effect behind it reads as measurable. So each paired row's p
 two-sided paired t-test) is Holm-adjusted over all the page's comparisons (:func:`holm`,
 :func:`adjust_for_multiplicity`), which holds the chance of any false "better" or "worse" on
 the page at :data:`FAMILY_ERROR`, and the row's verdict is read from the adjusted p.
+
+Runs that re-estimate their statistics before testing also record the accuracy of the same
+weights tested with the running averages of training (the chapter's protocol); a page whose
+runs all record it gets a second set of rows from it (:data:`RUNNING_AVERAGES`), in the same
+family.
 """
 
 from __future__ import annotations
@@ -26,6 +31,11 @@ FAMILY_ERROR = round(1 - LEVEL, 6)
 #: The test accuracy of a run's last this many epochs is averaged: at lr 1.0 the last epoch
 #: alone swings from epoch to epoch.
 LAST_EPOCHS = 3
+#: The headline accuracy of a run: tested as the run's protocol says.
+TESTED = "test_acc"
+#: The epochs' accuracy with the running averages kept during training, recorded by the runs
+#: that re-estimate their statistics before testing.
+RUNNING_AVERAGES = "running_test_acc"
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,9 @@ class VariantSummary:
     #: (:func:`adjust_for_multiplicity`); ``None`` until adjusted, for the baseline, and for a
     #: row with fewer than 2 pairs.
     adjusted_p: float | None = None
+    #: The same runs summarized by their :data:`RUNNING_AVERAGES` accuracy, when every run of
+    #: the page records it; else ``None``.
+    running: VariantSummary | None = None
 
     @property
     def verdict(self) -> str | None:
@@ -105,17 +118,24 @@ class VariantSummary:
         return "no measurable difference"
 
 
-def final_test_acc(result: dict[str, Any]) -> float | None:
+def final_test_acc(result: dict[str, Any], metric: str = TESTED) -> float | None:
     """The last epoch's test accuracy of a finished run; ``None`` for a diverged one."""
     if result["status"] != "finished" or not result["epochs"]:
         return None
-    return result["epochs"][-1]["test_acc"]
+    return result["epochs"][-1][metric]
 
 
-def last_epochs_test_acc(result: dict[str, Any]) -> float:
+def last_epochs_test_acc(result: dict[str, Any], metric: str = TESTED) -> float:
     """The mean test accuracy of a finished run's last :data:`LAST_EPOCHS` epochs (all of
     them, for a shorter run)."""
-    return statistics.fmean(e["test_acc"] for e in result["epochs"][-LAST_EPOCHS:])
+    return statistics.fmean(e[metric] for e in result["epochs"][-LAST_EPOCHS:])
+
+
+def record_running_averages(results: list[dict[str, Any]]) -> bool:
+    """Whether every epoch of every one of ``results`` (at least one) holds its accuracy with
+    the running averages."""
+    epochs = [epoch for result in results for epoch in result["epochs"]]
+    return bool(epochs) and all(RUNNING_AVERAGES in epoch for epoch in epochs)
 
 
 def holm(p_values: list[float]) -> list[float]:
@@ -134,25 +154,43 @@ def holm(p_values: list[float]) -> list[float]:
 
 def adjust_for_multiplicity(summaries: list[VariantSummary]) -> list[VariantSummary]:
     """``summaries`` with ``adjusted_p`` set: the paired p-values of every row that can be
-    tested (2 pairs or more; rows paired with their own baseline too), Holm-adjusted together,
-    the page's comparisons being one family."""
+    tested (2 pairs or more; rows paired with their own baseline too, and the rows of the
+    running averages), Holm-adjusted together, the page's comparisons being one family."""
+    rows = [*summaries, *(s.running for s in summaries if s.running is not None)]
     tested = {
-        index: summary.versus_baseline.p_value
-        for index, summary in enumerate(summaries)
-        if summary.versus_baseline is not None and summary.versus_baseline.n >= 2
+        index: row.versus_baseline.p_value
+        for index, row in enumerate(rows)
+        if row.versus_baseline is not None and row.versus_baseline.n >= 2
     }
     adjusted = dict(zip(tested, holm(list(tested.values())), strict=True))
+    rows = [
+        replace(row, adjusted_p=adjusted[index]) if index in adjusted else row
+        for index, row in enumerate(rows)
+    ]
+    running = iter(rows[len(summaries) :])
     return [
-        replace(summary, adjusted_p=adjusted[index]) if index in adjusted else summary
-        for index, summary in enumerate(summaries)
+        row if row.running is None else replace(row, running=next(running))
+        for row in rows[: len(summaries)]
     ]
 
 
+def comparisons(summaries: list[VariantSummary]) -> tuple[int, int]:
+    """How many paired rows of ``summaries`` (with their running-average rows) were tested,
+    and how many could not be (fewer than 2 pairs)."""
+    rows = [*summaries, *(s.running for s in summaries if s.running is not None)]
+    tested = sum(row.adjusted_p is not None for row in rows)
+    untested = sum(row.versus_baseline is not None and row.adjusted_p is None for row in rows)
+    return tested, untested
+
+
 def summarize(
-    label: str, runs: dict[int, dict[str, Any]], baseline: dict[int, dict[str, Any]] | None
+    label: str,
+    runs: dict[int, dict[str, Any]],
+    baseline: dict[int, dict[str, Any]] | None,
+    metric: str = TESTED,
 ) -> VariantSummary:
-    """Summarize one variant's runs; ``baseline`` is the baseline's runs (``None`` for the
-    baseline itself), paired by seed."""
+    """Summarize one variant's runs by their ``metric`` accuracy; ``baseline`` is the
+    baseline's runs (``None`` for the baseline itself), paired by seed."""
     finished = {s: r for s, r in runs.items() if final_test_acc(r) is not None}
     versus = None
     if baseline is not None:
@@ -160,14 +198,14 @@ def summarize(
         for seed, result in sorted(finished.items()):
             other = baseline.get(seed)
             if other is not None and final_test_acc(other) is not None:
-                differences.append(final_test_acc(result) - final_test_acc(other))
+                differences.append(final_test_acc(result, metric) - final_test_acc(other, metric))
         versus = Interval.of(differences)
     ordered = [finished[s] for s in sorted(finished)]
     return VariantSummary(
         label=label,
         runs=runs,
-        final_test=Interval.of([final_test_acc(r) for r in ordered]),
-        last_epochs_test=Interval.of([last_epochs_test_acc(r) for r in ordered]),
+        final_test=Interval.of([final_test_acc(r, metric) for r in ordered]),
+        last_epochs_test=Interval.of([last_epochs_test_acc(r, metric) for r in ordered]),
         final_train_loss=Interval.of([r["epochs"][-1]["train_loss"] for r in ordered]),
         examples_per_sec=Interval.of(
             [statistics.median(e["examples_per_sec"] for e in r["epochs"]) for r in ordered]

@@ -14,6 +14,7 @@ number that differs.
 
 from __future__ import annotations
 
+import math
 import random
 import struct
 import tempfile
@@ -25,14 +26,14 @@ from typing import Any
 import torch
 
 from normzoo.compare import counted, planned_runs
-from normzoo.compare.cache import ResultStore, resolved_config
+from normzoo.compare.cache import OPTIONAL_EPOCH_NUMBERS, ResultStore, resolved_config
 from normzoo.compare.execute import PendingRun, run_all
 from normzoo.compare.page import find_pages, parse_page
 from normzoo.errors import NormzooError
 from normzoo.harness.interrupts import stops_interrupt
 
-#: The numbers of each epoch a rerun must reproduce; the timings (examples per second,
-#: seconds) are not results.
+#: The numbers of each epoch a rerun must reproduce (and ``running_test_acc`` where the stored
+#: epoch holds it); the timings (examples per second, seconds) are not results.
 VERIFIED_NUMBERS = ("train_loss", "train_acc", "test_acc")
 
 
@@ -74,8 +75,9 @@ def first_difference(stored: dict[str, Any], rerun: dict[str, Any]) -> str | Non
     ``rerun`` differs from ``stored``, both values given; else a differing status or epoch
     count; ``None`` when every number is bit-identical."""
     for old, new in zip(stored["epochs"], rerun["epochs"], strict=False):  # counts: below
-        for field in VERIFIED_NUMBERS:
-            if _bits(old[field]) != _bits(new[field]):
+        present = [field for field in OPTIONAL_EPOCH_NUMBERS if field in old]
+        for field in (*VERIFIED_NUMBERS, *present):
+            if _bits(old[field]) != _bits(new.get(field, math.nan)):
                 return f"epoch {old['epoch']} {field}: stored {old[field]!r}, rerun {new[field]!r}"
     if stored["status"] != rerun["status"] or len(stored["epochs"]) != len(rerun["epochs"]):
         return (

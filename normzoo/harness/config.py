@@ -35,7 +35,9 @@ class TrainingSettings:
     :func:`~normzoo.harness.train.reestimate_running_stats`). At lr 1.0 the running averages
     trail the weights so far that eval accuracy swings by several points from epoch to epoch
     (batch norm: 0.895 then 0.835), which would drown the differences between norms; 0
-    restores the book's protocol exactly. The count is of examples, not batches, so that
+    restores the book's protocol exactly. A re-estimating run also tests each epoch's weights
+    with the running averages first (``running_test_acc``), so it measures both protocols on the
+    same weights. The count is of examples, not batches, so that
     every batch size re-estimates on about the same data (rounded up to whole batches).
 
     ``precise_stats`` is the older spelling, in batches: ``precise_stats=N`` sets
@@ -87,8 +89,9 @@ class TrainingSettings:
         metadata={
             "help": "before each test, re-estimate the norms' running statistics over N "
             "training examples (in batches of --batch-size, rounded up to whole batches) with "
-            "frozen weights; 0 keeps the running averages from training (the book's protocol, "
-            "whose eval accuracy swings by several points between epochs at lr 1.0)",
+            "frozen weights, after testing once with the running averages from training (both "
+            "are recorded per epoch); 0 tests with the running averages only (the book's "
+            "protocol, whose eval accuracy swings by several points between epochs at lr 1.0)",
             "minimum": 0,
             "metavar": "N",
         },

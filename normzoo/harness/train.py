@@ -48,7 +48,13 @@ class NormProbeError(NormzooError):
 
 @dataclass(frozen=True)
 class EpochMetrics:
-    """What one epoch measured; ``examples_per_sec`` counts training examples only."""
+    """What one epoch measured; ``examples_per_sec`` counts training examples only.
+
+    ``running_test_acc`` exists only for a run that re-estimates its norms' statistics before
+    testing (``precise_examples``): the accuracy of the same weights tested with the running
+    averages kept during training, before the re-estimation replaces them. Those are the
+    averages the chapter tests with, so one run measures both protocols on identical weights.
+    """
 
     epoch: int
     train_loss: float
@@ -56,15 +62,18 @@ class EpochMetrics:
     test_acc: float
     examples_per_sec: float
     seconds: float
+    running_test_acc: float | None = None
 
     def as_dict(self) -> dict[str, float]:
-        return asdict(self)
+        return {name: value for name, value in asdict(self).items() if value is not None}
 
     def summary(self, evaluated_on: str = "test") -> str:
         """One line; ``evaluated_on`` names the split ``test_acc`` was measured on."""
+        running = self.running_test_acc
+        both = "" if running is None else f" ({running:.3f} with the running averages)"
         return (
             f"epoch {self.epoch:>2}: train loss {self.train_loss:.3f}, train acc "
-            f"{self.train_acc:.3f}, {accuracy_label(evaluated_on)} {self.test_acc:.3f}, "
+            f"{self.train_acc:.3f}, {accuracy_label(evaluated_on)} {self.test_acc:.3f}{both}, "
             f"{self.examples_per_sec:,.0f} examples/s"
         )
 
@@ -462,8 +471,9 @@ def train(
     precise_batches:
         When positive, re-estimate the norms' running statistics over this many training
         batches with the epoch's final weights before testing (see
-        :func:`reestimate_running_stats`); 0 keeps the running averages from training, the
-        chapter's protocol.
+        :func:`reestimate_running_stats`), after testing with the running averages kept during
+        training (each epoch's ``running_test_acc``); 0 keeps the running averages from
+        training for the test, the chapter's protocol.
     label:
         Names the run (the norm) in the progress bar and in errors.
     on_epoch:
@@ -500,6 +510,10 @@ def train(
             )
             check_finite_buffers(network, label, f"in epoch {epoch}")
             if precise_batches:
+                # the chapter's protocol on the same weights, before the re-estimation
+                # replaces the running averages it tests with
+                running = accuracy(network, data.test) if processes.main else math.nan
+                metrics = replace(metrics, running_test_acc=processes.from_main(running))
                 reestimate_running_stats(
                     network, data.train, batch_size, precise_batches, stats_generator
                 )
