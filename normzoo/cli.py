@@ -11,7 +11,8 @@ import sys
 import textwrap
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import fields
+from dataclasses import asdict, fields
+from pathlib import Path
 from typing import Any, NoReturn
 
 import normzoo
@@ -19,6 +20,11 @@ from normzoo.bench import BenchConfig
 from normzoo.compare import SMOKE_EXAMPLES, CompareConfig
 from normzoo.errors import NormzooError
 from normzoo.harness.config import MAX_SEED, RunConfig, check_bounds
+from normzoo.harness.covariance import (
+    COVARIANCE_BATCH_SIZES,
+    COVARIANCE_BATCHES,
+    COVARIANCE_GROUP_SIZE,
+)
 from normzoo.workloads.slots import NO_SLOT
 
 EPILOG = """examples:
@@ -272,6 +278,34 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     bench.set_defaults(handler=_bench)
 
+    covariance = commands.add_parser(
+        "covariance",
+        help="measure the rank and conditioning of each norm layer's batch covariance",
+        description="Load a finished run (its config.json and model.pt), pass batches of its "
+        "training data through the trained model, and report for each norm layer and batch "
+        "size the numerical rank of the covariance of the layer's input channels (at most the "
+        "values per channel less one: the batch size in a fully connected layer) and the "
+        "condition number of that covariance plus the layer's eps: what whitening all of a "
+        "layer's channels at once inverts, next to the worst group of --group-size channels. "
+        "Prints a table and writes covariance.json into the run directory.",
+        formatter_class=_HelpFormatter,
+    )
+    covariance.add_argument("run_dir", metavar="RUN_DIR", help="a directory `normzoo run` wrote")
+    covariance.add_argument(
+        "--batch-size", type=_positive_int, nargs="+", default=list(COVARIANCE_BATCH_SIZES),
+        metavar="N", help="batch sizes to measure at",
+    )  # fmt: skip
+    covariance.add_argument(
+        "--batches", type=_positive_int, default=COVARIANCE_BATCHES,
+        help="batches per batch size; the table shows the median over them",
+    )  # fmt: skip
+    covariance.add_argument(
+        "--group-size", type=_positive_int, default=COVARIANCE_GROUP_SIZE,
+        help="channels per group for the grouped condition number (zca's default)",
+    )  # fmt: skip
+    covariance.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    covariance.set_defaults(handler=_covariance)
+
     comparison = commands.add_parser(
         "compare",
         help="run the experiments declared in Markdown pages and write their results in",
@@ -341,6 +375,25 @@ def _names(text: str) -> tuple[str, ...]:
     if not names:
         raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
     return names
+
+
+def _covariance(args: argparse.Namespace) -> int:
+    import torch
+
+    from normzoo.harness.covariance import measure, named_norms, table
+    from normzoo.harness.experiment import restore
+    from normzoo.harness.runs import atomic_write_json
+
+    config, model, data = restore(args.run_dir, torch.device(args.device))
+    norms = named_norms(model, config)
+    spectra = measure(model, norms, data.train, args.batch_size, args.batches, args.group_size)
+    print(f"{config.workload} + {config.norm} ({args.run_dir}), medians over {args.batches} "
+          "batches of the training data:")  # fmt: skip
+    print(table(spectra))
+    path = Path(args.run_dir).expanduser() / "covariance.json"
+    atomic_write_json(path, {"batches": args.batches, "spectra": [asdict(s) for s in spectra]})
+    print(f"written to {path}")
+    return 0
 
 
 def _bench(args: argparse.Namespace) -> int:

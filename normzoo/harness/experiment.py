@@ -9,9 +9,11 @@ knows nothing of how many processes there are beyond the process group it trains
 from __future__ import annotations
 
 import inspect
+import json
 import platform
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,7 +30,14 @@ from normzoo.harness.interrupts import (
     signal_number_of,
     stops_deferred,
 )
-from normzoo.harness.runs import RunDirectory, RunFilesError, check_runs_root, json_bytes
+from normzoo.harness.runs import (
+    CONFIG,
+    WEIGHTS,
+    RunDirectory,
+    RunFilesError,
+    check_runs_root,
+    json_bytes,
+)
 from normzoo.harness.train import EpochMetrics, TrainingDiverged, batch_bounds, probe_norms, train
 from normzoo.workloads.data import Dataset, load_workload_data
 from normzoo.workloads.slots import build_model
@@ -110,6 +119,26 @@ def load(config: RunConfig, device: torch.device) -> tuple[nn.Module, Dataset]:
     if config.val_split:
         data = data.validation(config.val_split)
     return model, data.subset(config.train_subset, config.test_subset).to(device)
+
+
+def restore(directory: Path | str, device: torch.device) -> tuple[RunConfig, nn.Module, Dataset]:
+    """A run directory's configuration, its trained model (the weights in ``model.pt``) and its
+    data, on ``device``."""
+    directory = Path(directory).expanduser()
+    for name in (CONFIG, WEIGHTS):
+        if not (directory / name).is_file():
+            raise NormzooError(
+                f"{directory} has no {name}: give a run directory that `normzoo run` wrote "
+                "(its path is printed at the end of the run)"
+            )
+    try:
+        record = json.loads((directory / CONFIG).read_text())
+        config = RunConfig(**record["config"])
+        model, data = load(config, device)
+        model.load_state_dict(torch.load(directory / WEIGHTS, map_location=device))
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        raise NormzooError(f"cannot restore the run in {directory}: {describe(error)}") from error
+    return config, model, data
 
 
 def prepare(config: RunConfig, device: torch.device, processes: int = 1) -> Prepared:
