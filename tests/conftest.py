@@ -1,7 +1,9 @@
-"""Shared fixtures: a fake third-party distribution installed on sys.path for real."""
+"""Shared fixtures: a fake third-party distribution installed on sys.path for real, and a
+compared page of two variants for the compare tests."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 import textwrap
 from pathlib import Path
@@ -74,3 +76,24 @@ def lenet(norm: str = "batchnorm", norm_options: dict | None = None, **settings)
     from normzoo.workloads.slots import ModelSettings, build_model
 
     return build_model(ModelSettings(norm=norm, norm_options=norm_options or {}, **settings))
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory) -> Path:
+    """A page of two variants, one seed each, compared once per module: its results stored,
+    its section and plots written, and ``--check`` finding nothing wrong."""
+    from normzoo.compare import check, compare
+
+    from .pages import QUIET, TWO_ARMS, write_page
+
+    directory = tmp_path_factory.mktemp("compared")
+    assert compare([write_page(directory, TWO_ARMS)], QUIET) == 0
+    assert check([directory / "page.md"]) == []
+    return directory
+
+
+@pytest.fixture()
+def page(compared, tmp_path) -> Path:
+    """A fresh copy of the compared page, its results and plots."""
+    shutil.copytree(compared, tmp_path / "copy")
+    return tmp_path / "copy" / "page.md"

@@ -92,12 +92,13 @@ def test_a_stored_running_average_must_be_an_accuracy():
 def test_a_reestimating_page_shows_both_tables_and_a_book_page_one(tmp_path):
     from normzoo.compare import CompareConfig, compare
 
-    from .test_compare import TINY, TWO_ARMS, write_page
+    from .pages import TINY, two_arms, write_page
 
-    both = write_page(tmp_path, TWO_ARMS, "both.md")
+    block = two_arms(seeds=2)
+    both = write_page(tmp_path, block, "both.md")
     book = write_page(
         tmp_path,
-        TWO_ARMS.replace(TINY, TINY.replace("precise_stats = 2", "precise_stats = 0")),
+        block.replace(TINY, TINY.replace("precise_stats = 2", "precise_stats = 0")),
         "book.md",
     )
     assert compare([both, book], CompareConfig(progress=False)) == 0

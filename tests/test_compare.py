@@ -24,34 +24,10 @@ from normzoo.compare.render import _interval
 from normzoo.compare.summary import Interval
 from normzoo.harness.config import RunConfig
 
+from .pages import QUIET, two_arms, write_page
+
 ROOT = Path(__file__).resolve().parent.parent
-TINY = "epochs = 1\ntrain_subset = 256\ntest_subset = 128\nprecise_stats = 2\n"
-
-
-def write_page(directory: Path, block: str, name: str = "page.md") -> Path:
-    page = directory / name
-    page.write_text(
-        f"# A page\n\nWritten by hand.\n\n```normzoo\n{textwrap.dedent(block)}```\n\n"
-        f"{BEGIN}\n{END}\n\nThe answer, by hand.\n"
-    )
-    return page
-
-
-TWO_ARMS = f"""\
-seeds = 2
-baseline = "with bias"
-
-[base]
-{TINY}
-[[variant]]
-label = "with bias"
-
-[[variant]]
-label = "without bias"
-bias_before_norm = false
-"""
-
-QUIET = CompareConfig(progress=False)
+TWO_ARMS = two_arms(seeds=2)
 
 
 def final_accuracies(results_dir: Path) -> dict[tuple[str, int], float]:

@@ -17,12 +17,10 @@ import pytest
 
 import normzoo.compare as compare_module
 from normzoo.cli import main
-from normzoo.compare import CompareConfig, check, compare
+from normzoo.compare import check, compare
 from normzoo.compare.page import BEGIN, END, MAX_SEEDS, MAX_VARIANTS, PageError, parse_page
 
-from .test_compare import write_page
-
-QUIET = CompareConfig(progress=False)
+from .pages import QUIET, write_page
 
 
 @pytest.fixture

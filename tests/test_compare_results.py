@@ -7,16 +7,14 @@ has the shape the table and plots read; a plot is a page's only when no other pa
 from __future__ import annotations
 
 import json
-import shutil
-import textwrap
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from normzoo.compare import CompareConfig, check, compare
+from normzoo.compare import check, compare
 from normzoo.compare.cache import ResultFileError
-from normzoo.compare.page import BEGIN, END, PageError, find_pages, parse_page
+from normzoo.compare.page import PageError, find_pages, parse_page
 from normzoo.compare.render import (
     DATA_KEYWORD,
     PLOT_KEYWORD,
@@ -25,63 +23,16 @@ from normzoo.compare.render import (
     plot_record,
 )
 
-TINY = "epochs = 1\ntrain_subset = 256\ntest_subset = 128\nprecise_stats = 2\n"
+from .pages import QUIET, TINY, stored_results, write_page
+
 REPOSITORY = Path(__file__).resolve().parents[1]
-
-QUIET = CompareConfig(progress=False)
-
-
-def write_page(directory: Path, block: str, name: str = "page.md") -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    page = directory / name
-    page.write_text(
-        f"# A page\n\n```normzoo\n{textwrap.dedent(block)}```\n\n{BEGIN}\n{END}\n\nBy hand.\n"
-    )
-    return page
-
-
-TWO_ARMS = f"""\
-seeds = 1
-baseline = "with bias"
-
-[base]
-{TINY}
-[[variant]]
-label = "with bias"
-
-[[variant]]
-label = "without bias"
-bias_before_norm = false
-"""
-
-
-@pytest.fixture(scope="module")
-def compared(tmp_path_factory) -> Path:
-    """A page of two variants, one seed each, compared: its results stored, section written."""
-    directory = tmp_path_factory.mktemp("compared")
-    assert compare([write_page(directory, TWO_ARMS)], QUIET) == 0
-    assert check([directory / "page.md"]) == []
-    return directory
-
-
-@pytest.fixture()
-def page(compared, tmp_path) -> Path:
-    """A fresh copy of the compared page, its results and plots."""
-    shutil.copytree(compared, tmp_path / "copy")
-    return tmp_path / "copy" / "page.md"
-
-
-def stored(page: Path) -> list[Path]:
-    """The page's result files, the variant ``with bias`` first."""
-    paths = list((page.parent / "results").glob("*.json"))
-    return sorted(paths, key=lambda path: json.loads(path.read_text())["label"])
 
 
 # 2: a result file is the result of the run it is named after
 
 
 def test_swapped_result_files_are_refused_by_compare_and_check(page):
-    one, two = stored(page)
+    one, two = stored_results(page)
     content_one, content_two = one.read_text(), two.read_text()
     one.write_text(content_two)
     two.write_text(content_one)
@@ -94,7 +45,7 @@ def test_swapped_result_files_are_refused_by_compare_and_check(page):
 
 
 def test_a_stored_configuration_that_differs_from_the_run_is_refused(page):
-    path = stored(page)[0]
+    path = stored_results(page)[0]
     result = json.loads(path.read_text())
     result["config"]["lr"] = 0.5  # the key is the file's, the numbers another run's
     path.write_text(json.dumps(result))
@@ -103,7 +54,7 @@ def test_a_stored_configuration_that_differs_from_the_run_is_refused(page):
 
 
 def test_a_stored_key_other_than_the_file_name_is_refused(page):
-    path = stored(page)[0]
+    path = stored_results(page)[0]
     result = json.loads(path.read_text())
     result["key"] = "0123456789abcdef"
     path.write_text(json.dumps(result))
@@ -113,7 +64,7 @@ def test_a_stored_key_other_than_the_file_name_is_refused(page):
 
 def test_results_written_before_workloads_existed_are_still_the_default_workloads(page):
     # the committed results lack "workload" and "workload_version" in their configuration
-    for path in stored(page):
+    for path in stored_results(page):
         result = json.loads(path.read_text())
         del result["config"]["workload"], result["config"]["workload_version"]
         path.write_text(json.dumps(result))
@@ -188,7 +139,7 @@ def _drop_bias_std(result: dict) -> None:
     ],
 )
 def test_an_incomplete_result_is_one_error_naming_the_file_and_field(page, edit, field):
-    path = stored(page)[0]
+    path = stored_results(page)[0]
     result = json.loads(path.read_text())
     edit(result)
     path.write_text(json.dumps(result))
@@ -201,7 +152,7 @@ def test_an_incomplete_result_is_one_error_naming_the_file_and_field(page, edit,
 
 
 def test_results_that_are_not_json_objects_are_corrupt(page):
-    path = stored(page)[0]
+    path = stored_results(page)[0]
     for content in ("[]", "null", '"result"', "{"):
         path.write_text(content)
         (problem,) = check([page])

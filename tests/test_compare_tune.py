@@ -18,7 +18,8 @@ from normzoo.compare.render import plot_problem
 from normzoo.compare.tune import SCORE_EPOCHS, at_edge, choose, mean_score, score
 from normzoo.workloads.data import Dataset, Split
 
-QUIET = CompareConfig(progress=False)
+from .pages import QUIET
+
 TINY = "epochs = 2\ntrain_subset = 256\ntest_subset = 128\nprecise_stats = 2\n"
 TUNE = "[tune]\nlr = [0.3, 1.0]\nseeds = [7]\nval_split = 200\n"
 TUNED = f"""\

@@ -29,7 +29,7 @@ from normzoo.compare.summary import (
     summarize,
 )
 
-from .test_compare import QUIET, TINY, write_page
+from .pages import QUIET, TINY, write_page
 
 BASELINE_ACCURACY = 0.8
 

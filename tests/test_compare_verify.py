@@ -4,33 +4,12 @@ nothing stored written."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-import pytest
-
 from normzoo import cli
-from normzoo.compare import CompareConfig, compare
 from normzoo.compare.execute import PendingRun
 from normzoo.compare.verify import choose, first_difference, verify
 from normzoo.harness.config import RunConfig
-
-from .test_compare_results import TWO_ARMS, write_page
-
-
-@pytest.fixture(scope="module")
-def compared(tmp_path_factory) -> Path:
-    """A tiny page of two variants, one seed each, compared: its results stored."""
-    directory = tmp_path_factory.mktemp("verified")
-    assert compare([write_page(directory, TWO_ARMS)], CompareConfig(progress=False)) == 0
-    return directory
-
-
-@pytest.fixture()
-def page(compared, tmp_path) -> Path:
-    """A fresh copy of the compared page and its results."""
-    shutil.copytree(compared, tmp_path / "copy")
-    return tmp_path / "copy" / "page.md"
 
 
 def results(page: Path) -> dict[str, bytes]:

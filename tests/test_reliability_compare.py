@@ -17,12 +17,13 @@ import pytest
 
 import normzoo.compare as compare_module
 from normzoo.cli import main
-from normzoo.compare import CompareConfig, compare
+from normzoo.compare import compare
 from normzoo.compare.page import BEGIN, END, PageError
 from normzoo.harness.interrupts import RunInterrupted
 from tests.conftest import install_fake_distribution
 
-QUIET = CompareConfig(progress=False)
+from .pages import QUIET
+
 TINY = "epochs = 1\ntrain_subset = 256\ntest_subset = 128\nprecise_stats = 2\n"
 
 

@@ -16,13 +16,13 @@ import pytest
 
 import normzoo.compare as compare_module
 from normzoo.cli import main
-from normzoo.compare import CompareConfig, compare
+from normzoo.compare import compare
 from normzoo.compare.page import BEGIN, END, PageError
 from normzoo.harness.interrupts import RunInterrupted
 from tests.conftest import install_fake_distribution
 from tests.test_reliability_compare import TINY, alive, children, leftovers, write_page
 
-QUIET = CompareConfig(progress=False)
+from .pages import QUIET
 
 # A norm whose forward does ``BODY``: put on a path, every process (the workers too) loads it.
 PLUGIN = """

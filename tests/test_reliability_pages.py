@@ -13,31 +13,14 @@ from pathlib import Path
 import pytest
 
 import normzoo.compare as compare_module
-from normzoo.compare import CompareConfig, check, compare
+from normzoo.compare import check, compare
 from normzoo.compare.cache import ResultFileError, ResultStore, shape_problem
 from normzoo.compare.page import BEGIN, END, PageError, find_pages, parse_page
 from normzoo.errors import suggest
 
-from .test_compare_results import TINY, TWO_ARMS, write_page
+from .pages import QUIET, TINY, stored_results, write_page
 
-QUIET = CompareConfig(progress=False)
 REPOSITORY = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def compared(tmp_path_factory) -> Path:
-    """A page of two variants, one seed each, compared: results stored, section and plots."""
-    directory = tmp_path_factory.mktemp("compared")
-    assert compare([write_page(directory, TWO_ARMS)], QUIET) == 0
-    assert check([directory / "page.md"]) == []
-    return directory
-
-
-@pytest.fixture()
-def page(compared, tmp_path) -> Path:
-    """A fresh copy of the compared page, its results and plots."""
-    shutil.copytree(compared, tmp_path / "copy")
-    return tmp_path / "copy" / "page.md"
 
 
 @pytest.fixture()
@@ -49,12 +32,6 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
             raise AssertionError(f"{len(runs)} runs were started although their results are stored")
 
     monkeypatch.setattr(compare_module, "run_all", trained)
-
-
-def result_files(page: Path) -> list[Path]:
-    """The page's result files, the variant ``with bias`` first."""
-    paths = list((page.parent / "results").glob("*.json"))
-    return sorted(paths, key=lambda path: json.loads(path.read_text())["label"])
 
 
 # 1. A plot records which plot it is and what it was drawn from
@@ -70,7 +47,7 @@ def test_a_plot_copied_over_another_plot_of_the_page_is_reported(page):
 
 def test_a_plot_drawn_from_older_results_is_reported(page, no_training):
     old = (page.parent / "page-finals.png").read_bytes()
-    path = result_files(page)[0]
+    path = stored_results(page)[0]
     result = json.loads(path.read_text())
     result["epochs"][-1]["test_acc"] = 0.5  # the results change ...
     path.write_text(json.dumps(result))
@@ -110,7 +87,7 @@ def test_a_plots_record_does_not_depend_on_where_it_is_drawn(page, compared, no_
     ],
 )
 def test_a_number_no_run_could_measure_is_corrupt(page, field, value, says):
-    path = result_files(page)[0]
+    path = stored_results(page)[0]
     result = json.loads(path.read_text())
     result["epochs"][0][field] = value
     path.write_text(json.dumps(result))  # NaN and Infinity as Python's json writes them
@@ -170,7 +147,7 @@ def test_a_crlf_page_keeps_every_byte_outside_its_generated_section(page, no_tra
     assert section.replace(b"\r\n", b"\n") == lf_section.encode()  # what an LF page shows
     assert check([page]) == []
     assert compare([page], QUIET) == 0 and page.read_bytes() == after
-    assert parse_page(page).block_line == 3
+    assert parse_page(page).block_line == 5  # write_page puts the fence on line 5
 
 
 # 5. The footer's grammar, and an unknown name among many is one short line
