@@ -97,3 +97,26 @@ def page(compared, tmp_path) -> Path:
     """A fresh copy of the compared page, its results and plots."""
     shutil.copytree(compared, tmp_path / "copy")
     return tmp_path / "copy" / "page.md"
+
+
+@pytest.fixture(autouse=True)
+def default_signal_handlers():
+    """Every test starts with Python's own SIGINT and SIGTERM handling, and a test that leaves
+    another behind fails. The suite run as a shell's background job (`bash .ci/run &`) starts
+    with SIGINT ignored, which the interrupt tests' child processes would inherit; and a
+    handler left over would change what the next test's interrupts do."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    left = {
+        signal.Signals(number).name: handler
+        for number, default in (
+            (signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)
+        )
+        if (handler := signal.getsignal(number)) is not default
+    }  # fmt: skip
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert not left, f"the test left signal handlers behind: {left}"
