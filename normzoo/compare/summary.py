@@ -152,11 +152,16 @@ def holm(p_values: list[float]) -> list[float]:
     return adjusted
 
 
+def _rows(summaries: list[VariantSummary]) -> list[VariantSummary]:
+    """The page's rows: each variant's, then those of its running averages, where shown."""
+    return [*summaries, *(s.running for s in summaries if s.running is not None)]
+
+
 def adjust_for_multiplicity(summaries: list[VariantSummary]) -> list[VariantSummary]:
     """``summaries`` with ``adjusted_p`` set: the paired p-values of every row that can be
     tested (2 pairs or more; rows paired with their own baseline too, and the rows of the
     running averages), Holm-adjusted together, the page's comparisons being one family."""
-    rows = [*summaries, *(s.running for s in summaries if s.running is not None)]
+    rows = _rows(summaries)
     tested = {
         index: row.versus_baseline.p_value
         for index, row in enumerate(rows)
@@ -177,7 +182,7 @@ def adjust_for_multiplicity(summaries: list[VariantSummary]) -> list[VariantSumm
 def comparisons(summaries: list[VariantSummary]) -> tuple[int, int]:
     """How many paired rows of ``summaries`` (with their running-average rows) were tested,
     and how many could not be (fewer than 2 pairs)."""
-    rows = [*summaries, *(s.running for s in summaries if s.running is not None)]
+    rows = _rows(summaries)
     tested = sum(row.adjusted_p is not None for row in rows)
     untested = sum(row.versus_baseline is not None and row.adjusted_p is None for row in rows)
     return tested, untested
