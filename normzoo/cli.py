@@ -363,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
         "choice",
     )  # fmt: skip
     comparison.add_argument(
+        "--prune", action="store_true",
+        help="train nothing: delete the result files in the pages' results folders that none "
+        "of the pages uses (old runs of withdrawn or retuned variants), naming each. Give "
+        "every page that shares the folders: a result of a page left out counts as unused",
+    )  # fmt: skip
+    comparison.add_argument(
         "--no-progress", dest="progress", action="store_false", help="no progress bar"
     )
     comparison.set_defaults(handler=_compare)
@@ -459,6 +465,8 @@ def _compare(args: argparse.Namespace) -> int:
     if args.verify_seed is not None:
         raise NormzooError(f"--verify-seed {args.verify_seed} draws the runs of --verify K; "
                            "add --verify K")  # fmt: skip
+    if args.prune:
+        return _prune(args)
     if args.check:
         if args.jobs != CompareConfig.jobs or args.threads or args.shard is not None or args.smoke:
             raise NormzooError("--check trains nothing: it takes no --jobs, --threads, --shard "
@@ -491,6 +499,19 @@ def _compare(args: argparse.Namespace) -> int:
             print(f"normzoo: {'interrupted' if number is not None else said}", file=sys.stderr)
         return 1 if number is None else 128 + number  # None: raised by code, not a signal
     return 1 if failures else 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from normzoo.compare import counted
+    from normzoo.compare.prune import prune
+
+    if args.check or args.jobs != CompareConfig.jobs or args.threads or args.shard is not None \
+            or args.smoke:  # fmt: skip
+        raise NormzooError("--prune trains nothing: it takes no --check, --jobs, --threads, "
+                           "--shard or --smoke")  # fmt: skip
+    deleted = prune(args.paths)
+    print(f"{counted(len(deleted), 'unused result file')} deleted")
+    return 0
 
 
 def _verify(args: argparse.Namespace) -> int:

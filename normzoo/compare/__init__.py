@@ -166,6 +166,11 @@ def _tunings(page: Page, planned: list[_PlannedRun]) -> tuple[list[Tuning] | Non
     return (None, missing) if missing else (tuning(page, results), 0)
 
 
+def missing_trials(page: Page) -> int:
+    """How many of ``page``'s tuning trials are not stored (0 for a page without ``[tune]``)."""
+    return _tunings(page, _plan_trials(page))[1] if page.tune else 0
+
+
 def planned_runs(page: Page) -> list[PendingRun]:
     """Every run ``page`` plans, as :func:`compare` plans them: a tuned page's trials, and once
     they are all stored the runs with each variant's choice."""
