@@ -35,13 +35,13 @@ FLOORS: dict[str, int] = {
     "normzoo.registry": 5,
     "normzoo_plugins.*": 5,
     "normzoo.convert": 6,
-    "normzoo.testing": 6,
+    "normzoo.testing.*": 6,
     "normzoo.workloads.*": 6,
     "normzoo": 7,
     "normzoo.harness.*": 8,
     "normzoo.bench.*": 9,
     "normzoo.compare.*": 10,
-    "normzoo.cli": 11,
+    "normzoo.cli.*": 11,
     "normzoo.__main__": 11,
     "normzoo_command": 11,
 }
@@ -456,3 +456,18 @@ def test_the_checker_finds_a_package_and_its_submodule_importing_each_other(
 def test_the_checker_finds_a_module_on_no_floor(tmp_path: Path) -> None:
     write_tree(tmp_path, {"normzoo/__init__.py": "", "normzoo/scratch.py": "", "plugins/x.py": ""})
     assert modules_on_no_floor(tmp_path) == ["normzoo.scratch"]
+
+
+def test_every_package_in_the_source_folders_ships_in_the_wheel():
+    """pyproject.toml lists the packages by name: a new package left out of the list works in
+    an editable install and is missing from every real one."""
+    import tomllib
+
+    setup = tomllib.loads((REPOSITORY / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = set()
+    for package, folder in SOURCE_FOLDERS.items():
+        for marker in (REPOSITORY / folder).rglob("__init__.py"):
+            parts = marker.parent.relative_to(REPOSITORY / folder).parts
+            if "__pycache__" not in parts and not any(part.startswith(".") for part in parts):
+                found.add(".".join((package, *parts)))
+    assert set(setup["packages"]) == found

@@ -1,133 +1,26 @@
-"""The conformance suite every norm must pass, and the check every workload must pass, usable
-from a third party's own tests.
+"""The conformance checks, one function per rule of the contract of :mod:`normzoo.interface`,
+and :data:`CHECKS`, the suite in the order it runs.
 
-Each check takes a :class:`Subject` (a norm, the registry it is in, the options and channel
-count to build it with) and raises ``AssertionError`` naming the norm, the layout and what went
-wrong when the norm breaks the contract of :mod:`normzoo.interface`. Every check runs over every
-layout the norm declares, with the shapes of :mod:`normzoo.layouts`. Run them all with
-:func:`check_norm`, or one pytest case per check::
-
-    import pytest
-    from normzoo.testing import CONFORMANCE_CHECKS, run_check
-
-    @pytest.mark.parametrize("check", CONFORMANCE_CHECKS)
-    def test_my_norm_conforms(check):
-        run_check(check, "my-norm")
-        run_check(check, "my-norm", options={"groups": 4}, num_features=8)
-
-The checks use small random inputs, so the whole suite takes about a second per norm on a CPU.
+Each check takes a :class:`~normzoo.testing.subject.Subject`, runs over every layout the norm
+declares, and raises ``AssertionError`` naming the norm, the layout and what went wrong, so
+that a failure in a third party's tests says what to fix.
 """
 
 from __future__ import annotations
 
 import copy
 import io
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from normzoo.errors import LayoutError, NormzooError
-from normzoo.interface import NormInfo
+from normzoo.errors import LayoutError
 from normzoo.layouts import LAYOUT_NAMES, Layout, get_layout
-from normzoo.registry import Registry, available, default_registry, workload
-from normzoo.workloads.data import load_workload_data
-from normzoo.workloads.slots import (
-    ModelSettings,
-    build_model,
-    check_model_settings,
-    norm_modules,
-)
-
-#: Channels of the test inputs unless the caller gives ``num_features``.
-NUM_FEATURES = 4
-#: Channels of the (smaller) gradcheck inputs unless the caller gives ``num_features``;
-#: gradcheck costs two forwards per input element.
-GRADCHECK_FEATURES = 2
-#: Seconds one conformance check may take before it fails (``timeout=`` of :func:`run_check`
-#: and :func:`check_norm` overrides it): generous, since the slowest check of a bundled norm
-#: (pit's gradcheck with 5 channels) takes about 10 s on two busy CPU cores, yet a norm whose
-#: forward blocks fails instead of hanging the suite.
-CHECK_TIMEOUT = 120.0
-#: The name prefix of the threads :func:`run_with_timeout` runs a call in, and abandons when it
-#: overruns (the ``normzoo`` script ends the process past them: see ``normzoo_command``).
-ABANDONED_THREAD_PREFIX = "normzoo: "
-
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Subject:
-    """A norm under test: what to build and how.
-
-    Parameters
-    ----------
-    norm:
-        The declaration, from ``registry.info(name)``.
-    registry:
-        Where the norm is registered.
-    options:
-        Options for every build (defaults for the rest).
-    num_features:
-        Channel count of the test inputs; ``None`` for :data:`NUM_FEATURES`, and for
-        :data:`GRADCHECK_FEATURES` in gradcheck.
-    """
-
-    norm: NormInfo
-    registry: Registry
-    options: Mapping[str, Any] = field(default_factory=dict)
-    num_features: int | None = None
-
-    @property
-    def channels(self) -> int:
-        return self.num_features or NUM_FEATURES
-
-    @property
-    def layouts(self) -> list[Layout]:
-        return [get_layout(name) for name in self.norm.layouts]
-
-    def build(self, layout: Layout, num_features: int | None = None) -> nn.Module:
-        return self.registry.build(
-            self.norm.name, num_features or self.channels, layout.name, **self.options
-        )
-
-    def where(self, layout: Layout) -> str:
-        return f"norm {self.norm.name!r}, layout {layout.name!r}"
-
-
-Check = Callable[[Subject], None]
-
-
-def sample_input(
-    shape: tuple[int, ...],
-    dtype: torch.dtype = torch.float32,
-    seed: int = 0,
-    layout: str | Layout = "conv",
-) -> torch.Tensor:
-    """A reproducible input whose channels have different means and scales."""
-    layout = get_layout(layout) if len(shape) != 2 else get_layout("fc")
-    axis = layout.channel_axis if len(shape) == layout.ndim else 1
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=generator, dtype=torch.float64)
-    channels = torch.arange(shape[axis], dtype=torch.float64)
-    view = tuple(shape[axis] if d == axis else 1 for d in range(len(shape)))
-    return (x * (1.0 + channels).reshape(view) + (channels - 1.5).reshape(view)).to(dtype)
-
-
-def input_shape(layout: Layout, num_features: int) -> tuple[int, ...]:
-    """Shape of the suite's inputs: enough values per channel for stable batch statistics."""
-    return layout.test_shape(num_features, batch=16 if layout.ndim == 2 else 4)
-
-
-def gradcheck_shape(layout: Layout, num_features: int) -> tuple[int, ...]:
-    """A smaller shape for gradcheck: 6 examples for ``fc``, else 2 with sizes of 2."""
-    batch = 6 if layout.ndim == 2 else 2
-    return tuple(batch if d == "N" else num_features if d == "C" else 2 for d in layout.dims)
+from normzoo.testing.inputs import gradcheck_shape, input_shape, sample_input
+from normzoo.testing.subject import GRADCHECK_FEATURES, Check, Subject
 
 
 def _input(layout: Layout, num_features: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
@@ -555,148 +448,3 @@ CHECKS: dict[str, Check] = {
 }
 #: Names of the conformance checks, for ``pytest.mark.parametrize``.
 CONFORMANCE_CHECKS: list[str] = list(CHECKS)
-
-
-def run_with_timeout(
-    function: Callable[[], T],
-    timeout: float | None,
-    what: str,
-    *,
-    error: Callable[[str], BaseException] = TimeoutError,
-) -> T:
-    """``function()``'s result, or its exception, unless it runs longer than ``timeout`` seconds:
-    then ``error("WHAT did not finish within TIMEOUT s")`` is raised.
-
-    Works on any thread without signals: ``function`` runs in a daemon thread, joined with the
-    timeout, under the caller's grad mode (which torch keeps per thread). A function that
-    overruns cannot be stopped; its thread is abandoned, and as a daemon it does not keep the
-    process alive. ``timeout=None`` calls ``function`` directly, on this thread.
-    """
-    if timeout is None:
-        return function()
-    outcome: dict[str, Any] = {}
-    grad_enabled = torch.is_grad_enabled()
-
-    def target() -> None:
-        try:
-            with torch.set_grad_enabled(grad_enabled):
-                outcome["value"] = function()
-        except BaseException as caught:  # re-raised on the caller's thread
-            outcome["error"] = caught
-
-    thread = threading.Thread(target=target, name=ABANDONED_THREAD_PREFIX + what, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise error(f"{what} did not finish within {timeout:g} s")
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
-
-
-def run_check(
-    check: str,
-    norm_name: str,
-    registry: Registry | None = None,
-    *,
-    options: Mapping[str, Any] | None = None,
-    num_features: int | None = None,
-    timeout: float | None = CHECK_TIMEOUT,
-) -> None:
-    """Run conformance check ``check`` on norm ``norm_name`` over every layout it declares.
-
-    Parameters
-    ----------
-    check:
-        A name from :data:`CONFORMANCE_CHECKS`.
-    norm_name:
-        The norm, looked up in ``registry`` (the default registry when ``None``).
-    options:
-        Options for every build, e.g. ``{"groups": 4}``; the norm's defaults otherwise.
-    num_features:
-        Channel count of the test inputs, for options that constrain it; ``None`` for the
-        suite's own (4, and 2 in gradcheck).
-    timeout:
-        Seconds the check may take (:data:`CHECK_TIMEOUT` by default); past them it fails with
-        an ``AssertionError`` naming the norm and the check. ``None``: no limit.
-    """
-    registry = registry or default_registry()
-    subject = Subject(registry.info(norm_name), registry, dict(options or {}), num_features)
-    run_with_timeout(
-        lambda: CHECKS[check](subject),
-        timeout,
-        f"norm {norm_name!r}: check {check!r}",
-        error=lambda message: AssertionError(
-            f"{message}; does its forward block? Pass timeout= (None for no limit) to allow more"
-        ),
-    )
-
-
-def check_norm(
-    norm_name: str,
-    registry: Registry | None = None,
-    *,
-    options: Mapping[str, Any] | None = None,
-    num_features: int | None = None,
-    timeout: float | None = CHECK_TIMEOUT,
-) -> None:
-    """Run every conformance check on ``norm_name``; the first failure raises. ``timeout``
-    limits each check, as in :func:`run_check`."""
-    for check in CONFORMANCE_CHECKS:
-        run_check(
-            check, norm_name, registry, options=options, num_features=num_features, timeout=timeout
-        )
-
-
-def fitting_norms(workload_name: str) -> list[str]:
-    """The registered norms that fit workload ``workload_name`` with their default options:
-    they declare every slot layout, and every slot's channel count accepts their options
-    (``groupnorm``'s 2 groups do not fit a slot of 7 channels)."""
-    fitting = []
-    for norm in available():
-        try:
-            check_model_settings(ModelSettings(workload=workload_name, norm=norm.name))
-        except NormzooError:
-            continue
-        fitting.append(norm.name)
-    return fitting
-
-
-def check_workload(
-    workload_name: str, norms: Sequence[str] | None = None, batch_size: int = 16
-) -> None:
-    """Check workload ``workload_name`` with every norm that fits it (or ``norms``): the model
-    builds with the norm in every slot, a training step on ``batch_size`` examples of the
-    workload's own data gives finite logits of one row per example and a finite loss and
-    changes the parameters, and an eval forward gives finite logits too.
-
-    Raises ``AssertionError`` naming the workload and the norm. A third party's workload test
-    is one line: ``check_workload("my-model")``.
-    """
-    declared = workload(workload_name)
-    data = load_workload_data(workload_name, None, False)
-    images, labels = data.train.images[:batch_size], data.train.labels[:batch_size]
-    assert len(labels) == batch_size, (
-        f"workload {workload_name!r}: fewer than {batch_size} examples"
-    )
-    for norm in fitting_norms(workload_name) if norms is None else norms:
-        where = f"workload {workload_name!r} with norm {norm!r}"
-        torch.manual_seed(0)
-        model = build_model(ModelSettings(workload=workload_name, norm=norm))
-        placed = norm_modules(model)
-        assert len(placed) == len(declared.slots), f"{where}: {len(placed)} norms in the model"
-        before = [parameter.detach().clone() for parameter in model.parameters()]
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        model.train()
-        logits = model(images)
-        assert logits.ndim == 2 and logits.shape[0] == batch_size, f"{where}: {logits.shape}"
-        assert logits.shape[1] > int(labels.max()), f"{where}: {logits.shape[1]} classes"
-        loss = nn.functional.cross_entropy(logits, labels)
-        assert torch.isfinite(loss), f"{where}: training loss {loss.item()}"
-        loss.backward()
-        optimizer.step()
-        after = list(model.parameters())
-        assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True)), where
-        model.eval()
-        with torch.no_grad():
-            assert torch.isfinite(model(images)).all(), f"{where}: non-finite eval logits"
