@@ -549,6 +549,12 @@ class WorkloadInfo:
     version:
         The version of what the workload computes, bumped whenever a change alters its numbers
         (results cached by comparisons are keyed by it).
+    defaults:
+        The run settings the workload was tuned with, e.g. ``{"lr": 0.3, "activation":
+        "relu"}``: a run or a page that does not set one of them gets the workload's value
+        instead of the harness's default (the chapter's LeNet settings, which suit no other
+        model). Keys are run settings (``normzoo run``'s options with underscores), checked
+        when a run is configured (:meth:`normzoo.harness.config.RunConfig.for_workload`).
     plugin:
         Name of the plugin that registered it; filled in by the registry.
     """
@@ -560,6 +566,7 @@ class WorkloadInfo:
     data: WorkloadData
     reference: str = ""
     version: str = "1"
+    defaults: Mapping[str, Any] = field(default_factory=dict, hash=False)
     plugin: str = field(default="", compare=False)
 
     @property
@@ -595,3 +602,15 @@ class WorkloadInfo:
                 raise DeclarationError(f"{where} has a {part} that is not callable")
         if not isinstance(self.version, str) or not self.version:
             raise DeclarationError(f"{where} needs a non-empty version string")
+        if not isinstance(self.defaults, Mapping) or not all(
+            isinstance(key, str) and key.isidentifier() for key in self.defaults
+        ):
+            raise DeclarationError(
+                f"{where} needs defaults as a mapping of run settings (e.g. {{'lr': 0.3}}), got "
+                f"{self.defaults!r}"
+            )
+        for key, value in self.defaults.items():
+            if not isinstance(value, (str, int, float, bool)):
+                raise DeclarationError(
+                    f"{where}: default {key}={value!r} is not a str, int, float or bool"
+                )

@@ -230,5 +230,5 @@ def test_help_explains_every_command(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     out = capsys.readouterr().out
-    assert "--norm-opt KEY=VALUE" in out and "(default: 1.0)" in out
+    assert "--norm-opt KEY=VALUE" in out and "(default: 1.0, or the workload's own" in out
     assert "--seed SEED" in out and "2**63 - 1" in out

@@ -3,7 +3,9 @@ the run configuration's groups that the cache key, the pages and the command lin
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import sys
 import warnings
 from dataclasses import fields
@@ -17,7 +19,12 @@ from normzoo.cli import build_parser, main
 from normzoo.compare import CompareConfig, compare
 from normzoo.compare.cache import resolved_config, run_key
 from normzoo.compare.page import SETTINGS
-from normzoo.harness.config import COMPUTED_FIELDS, RESOURCE_FIELDS, RunConfig
+from normzoo.harness.config import (
+    COMPUTED_FIELDS,
+    RESOURCE_FIELDS,
+    WORKLOAD_SETTINGS,
+    RunConfig,
+)
 from normzoo.testing import check_workload, fitting_norms
 from normzoo.workloads.data import load_fashion_mnist
 from normzoo.workloads.slots import ModelSettings, build_model, norm_modules
@@ -199,7 +206,10 @@ def test_the_pages_and_the_command_line_derive_their_fields_from_the_run_configu
     for spec in fields(RunConfig):
         assert spec.name in destinations, spec.name
         default = destinations[spec.name].default
-        assert default == getattr(RunConfig(), spec.name) or spec.name == "norm_options"
+        if spec.name in WORKLOAD_SETTINGS:  # not given: the workload's or the field's default
+            assert default == argparse.SUPPRESS, spec.name
+        else:
+            assert default == getattr(RunConfig(), spec.name) or spec.name == "norm_options"
     assert destinations["activation"].choices == ("sigmoid", "relu")
 
 
@@ -315,3 +325,66 @@ def test_a_workload_version_bump_changes_its_keys_and_no_other(monkeypatch):
     )
     assert run_key(resolved_config(RunConfig(workload="lenet"))) != keys["lenet"]
     assert run_key(resolved_config(RunConfig(workload="mlp"))) == keys["mlp"]
+
+
+# -- a workload's own training defaults --------------------------------------------------------
+
+
+def test_a_workload_runs_with_its_declared_defaults_where_the_run_sets_none():
+    resnet = normzoo.workload("resnet").defaults
+    assert resnet == {"activation": "relu", "lr": 0.3}
+    assert normzoo.workload("transformer").defaults == {"lr": 0.1}
+    config = RunConfig.for_workload(workload="resnet", norm="groupnorm")
+    assert (config.activation, config.lr, config.norm) == ("relu", 0.3, "groupnorm")
+    assert RunConfig.for_workload(workload="resnet", lr=0.5).lr == 0.5  # what a run sets wins
+    assert config.epochs == RunConfig().epochs  # a default the workload leaves alone
+    # the chapter's LeNet declares none, so its runs and their stored keys are as before
+    assert normzoo.workload("lenet").defaults == {} and RunConfig.for_workload() == RunConfig()
+
+
+def test_a_page_on_a_workload_runs_with_its_defaults(tmp_path):
+    from normzoo.compare.page import parse_page
+
+    from .pages import write_page
+
+    page = parse_page(write_page(tmp_path, 'seeds = 1\nbaseline = "a"\n\n[base]\n'
+                                 'workload = "resnet"\n\n[[variant]]\nlabel = "a"\n\n'
+                                 '[[variant]]\nlabel = "b"\nlr = 0.05\n'))  # fmt: skip
+    first, second = (variant.config(0) for variant in page.variants)
+    assert (first.lr, first.activation) == (0.3, "relu")
+    assert (second.lr, second.activation) == (0.05, "relu")
+
+
+@pytest.mark.parametrize(
+    "defaults, says",
+    [
+        ([("lr", 0.3)], "needs defaults as a mapping of run settings"),
+        ({"lr": [0.3]}, "default lr=[0.3] is not a str, int, float or bool"),
+    ],
+)
+def test_defaults_that_are_no_settings_fail_the_workloads_registration(defaults, says):
+    from dataclasses import replace
+
+    with pytest.raises(normzoo.DeclarationError, match=re.escape(says)):
+        with normzoo.register(replace(TINY, defaults=defaults), name="tiny-workloads"):
+            pass
+
+
+def test_a_default_a_workload_cannot_set_is_one_line_naming_it_and_its_plugin():
+    from dataclasses import replace
+
+    with normzoo.register(replace(TINY, defaults={"seed": 3}), name="tiny-workloads"):
+        with pytest.raises(normzoo.NormzooError) as raised:
+            RunConfig.for_workload(workload="tiny")
+    message = str(raised.value)
+    assert "workload 'tiny' (plugin 'tiny-workloads') declares a default for seed" in message
+    assert "it may set activation, placement" in message and "\n" not in message
+
+
+def test_the_workload_guide_lists_every_setting_a_workload_may_default():
+    from normzoo.harness.config import WORKLOAD_SETTINGS
+
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "writing-a-workload.md").read_text()
+    start = guide.index("Keys are run settings")
+    listed = guide[guide.index("(", start) : guide.index(")", start)]
+    assert sorted(re.findall(r"`(\w+)`", listed)) == sorted(WORKLOAD_SETTINGS)

@@ -118,11 +118,15 @@ def test_the_model_is_deterministic_given_the_seed(workload):
 def test_run_trains_the_workload_on_its_train_subset(workload, norm, tmp_path, capsys):
     argv = ["run", "--workload", workload, "--norm", norm, "--epochs", "1", "--train-subset",
             "64", "--batch-size", "32", "--test-subset", "32", "--precise-stats", "1",
-            "--lr", "0.1", "--no-progress", "--runs-dir", str(tmp_path)]  # fmt: skip
+            "--no-progress", "--runs-dir", str(tmp_path)]  # fmt: skip
     assert main(argv) == 0
     (directory,) = tmp_path.iterdir()
     record = json.loads((directory / "config.json").read_text())
     assert record["config"]["workload"] == workload and record["config"]["train_subset"] == 64
+    # no --lr or --activation given: the workload's declared defaults, not LeNet's
+    declared = normzoo.workload(workload).defaults
+    assert {key: record["config"][key] for key in declared} == declared
+    assert record["config"]["batch_size"] == 32  # what the command line gives wins
     metrics = json.loads((directory / "metrics.json").read_text())
     assert metrics["status"] == "finished"
     (epoch,) = metrics["epochs"]

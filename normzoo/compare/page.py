@@ -147,7 +147,7 @@ class Variant:
     baseline: str | None = None
 
     def config(self, seed: int) -> RunConfig:
-        return RunConfig(**self.settings, seed=seed)
+        return RunConfig.for_workload(**self.settings, seed=seed)
 
 
 @dataclass

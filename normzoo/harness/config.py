@@ -16,6 +16,7 @@ import math
 from dataclasses import InitVar, dataclass, field, fields
 from typing import Any
 
+from normzoo import registry
 from normzoo.errors import NormzooError
 from normzoo.workloads.slots import ModelSettings
 
@@ -157,6 +158,12 @@ TRAINING_FIELDS = tuple(f.name for f in fields(TrainingSettings))
 RESOURCE_FIELDS = tuple(f.name for f in fields(Resources))
 #: What a run computes: the fields a comparison's cache key covers.
 COMPUTED_FIELDS = MODEL_FIELDS + TRAINING_FIELDS
+#: What a run asks for rather than how the model is trained: a workload declares no default
+#: for these.
+_CHOSEN_PER_RUN = ("workload", "norm", "norm_options", "seed", "train_subset", "test_subset",
+                   "val_split")  # fmt: skip
+#: The settings a workload may declare defaults for (:attr:`WorkloadInfo.defaults`).
+WORKLOAD_SETTINGS = tuple(name for name in COMPUTED_FIELDS if name not in _CHOSEN_PER_RUN)
 
 
 @dataclass(frozen=True)
@@ -166,6 +173,26 @@ class RunConfig(Resources, TrainingSettings, ModelSettings):
     A flat dataclass (``RunConfig(norm="zca", lr=0.1)``) whose fields come from its three
     groups; :data:`COMPUTED_FIELDS` and :data:`RESOURCE_FIELDS` name them.
     """
+
+    @classmethod
+    def for_workload(cls, **settings: Any) -> RunConfig:
+        """The run that ``settings`` ask for, each setting they leave out taken from the
+        workload's declared :attr:`~normzoo.interface.WorkloadInfo.defaults` where it
+        declares one, else from these fields' defaults (the chapter's LeNet settings).
+
+        How the command line and pages configure a run: ``RunConfig(**settings)`` alone
+        gives every workload the chapter's lr 1.0 and sigmoid. A workload that declares a
+        default no run could use is a :class:`NormzooError` naming it and its plugin.
+        """
+        workload = registry.workload(settings.get("workload", cls.workload))
+        unknown = sorted(set(workload.defaults) - set(WORKLOAD_SETTINGS))
+        if unknown:
+            raise NormzooError(
+                f"workload {workload.name!r} (plugin {workload.plugin!r}) declares a default "
+                f"for {', '.join(unknown)}, which a workload cannot set; it may set "
+                f"{', '.join(WORKLOAD_SETTINGS)}"
+            )
+        return cls(**{**workload.defaults, **settings})
 
     @property
     def evaluated_on(self) -> str:
