@@ -142,3 +142,12 @@ def test_bench_times_the_transformer_against_layer_norm_and_the_resnet_against_t
     (result,) = run_bench(config)
     assert result.case == "final-eval" and result.ratio > 0
     assert "baseline layernorm in the same rounds" in format_table([result], config)
+
+
+def test_bench_times_each_workloads_model_as_a_run_builds_it():
+    """With the workload's declared defaults: the resnet's ReLU, not LeNet's sigmoid."""
+    from normzoo.bench.timing import workload_model
+
+    activations = {type(module) for module in workload_model("resnet", "batchnorm").modules()}
+    assert nn.ReLU in activations and nn.Sigmoid not in activations
+    assert nn.Sigmoid in {type(module) for module in workload_model("lenet", "batchnorm").modules()}

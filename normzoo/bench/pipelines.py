@@ -19,9 +19,8 @@ import torch
 from torch import nn
 
 from normzoo import registry
-from normzoo.bench.timing import BenchConfig
+from normzoo.bench.timing import BenchConfig, workload_model
 from normzoo.harness.group import resolve_device
-from normzoo.workloads.slots import ModelSettings, build_model
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,6 @@ def end_to_end(
 
     examples = examples or (2048 if config.quick else None)
     device = resolve_device(config.device)
-    settings = ModelSettings(workload=config.workload, norm=norm)
     data = registry.workload(config.workload).data(None, False).subset(examples, examples)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
@@ -83,12 +81,12 @@ def end_to_end(
                         continue
                     if compile:  # dynamo would reuse the last round's graphs for the new model
                         torch._dynamo.reset()
-                    model = build_model(settings).to(device)
+                    model = workload_model(config.workload, norm).to(device)
                     started = time.perf_counter()
                     train(model, data.to(device), epochs, 0.1, config.batch_size, 0, norm,
                           progress=False, compile=compile)  # fmt: skip
                     speeds.append(epochs * len(data.train) / (time.perf_counter() - started))
-                model = build_model(settings).to(device)
+                model = workload_model(config.workload, norm).to(device)
                 started = time.perf_counter()
                 for _ in range(epochs):
                     _textbook_epoch(model, dataset, config.batch_size, device)

@@ -39,6 +39,7 @@ from torch import nn
 
 from normzoo import registry
 from normzoo.errors import NormzooError, describe, suggest
+from normzoo.harness.config import RunConfig
 from normzoo.harness.group import machine_description, resolve_device
 from normzoo.harness.runs import atomic_write_json
 from normzoo.interface import Slot
@@ -157,6 +158,12 @@ class BenchConfig:
             registry.info(norm)
 
 
+def workload_model(workload: str, norm: str) -> nn.Module:
+    """The model of ``workload`` with ``norm`` in its slots, as ``normzoo run`` builds it: with
+    the workload's declared defaults (resnet's ReLU), not LeNet's sigmoid."""
+    return build_model(RunConfig.for_workload(workload=workload, norm=norm))
+
+
 def _case(
     case: str, norm: str, images: torch.Tensor, labels: torch.Tensor, workload: str
 ) -> Callable[[], None]:
@@ -165,7 +172,7 @@ def _case(
     slot, mode = _case_table(workload)[case]
     if slot is not None:
         return _layer_case(slot, mode, norm, images.shape[0], images.device)
-    model = build_model(ModelSettings(workload=workload, norm=norm)).to(images.device)
+    model = workload_model(workload, norm).to(images.device)
     if mode == "eval":
         model.eval()
 
