@@ -9,7 +9,7 @@ import signal
 import sys
 
 from normzoo.cli.parsing import HelpFormatter, positive_int
-from normzoo.compare import SMOKE_EXAMPLES, CompareConfig
+from normzoo.compare import EXECUTORS, SMOKE_EXAMPLES, CompareConfig
 from normzoo.errors import NormzooError
 
 COMPARE_EPILOG = """a page, the smallest (any Markdown file; GitHub shows it as it is):
@@ -70,6 +70,19 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         help="torch threads per process (default: the cores split between the jobs)",
     )  # fmt: skip
     comparison.add_argument(
+        "--executor", choices=EXECUTORS, default=CompareConfig.executor,
+        help="where the runs train: local processes (--jobs of them), or Ray tasks of --threads "
+        "CPUs each (needs the ray extra: pip install -e \".[ray]\"); with no --address, on a "
+        "local Ray instance of --jobs x --threads CPUs; results come back to this process, "
+        "which alone stores them",
+    )  # fmt: skip
+    comparison.add_argument(
+        "--address", default=None,
+        help="with --executor ray: join the running Ray cluster there (auto, HOST:PORT or "
+        "ray://HOST:PORT), whose CPUs decide how many runs train at once; normzoo and the "
+        "pages' plugins must be installed on its nodes",
+    )  # fmt: skip
+    comparison.add_argument(
         "--shard", default=None, metavar="I/K",
         help="run only slice I of K of the runs (e.g. one per CI matrix entry); results merge "
         "by file name",
@@ -119,9 +132,10 @@ def _compare(args: argparse.Namespace) -> int:
     if args.prune:
         return _prune(args)
     if args.check:
-        if args.jobs != CompareConfig.jobs or args.threads or args.shard is not None or args.smoke:
-            raise NormzooError("--check trains nothing: it takes no --jobs, --threads, --shard "
-                               "or --smoke")  # fmt: skip
+        if args.jobs != CompareConfig.jobs or args.threads or args.shard is not None \
+                or args.smoke or args.executor != CompareConfig.executor or args.address:
+            raise NormzooError("--check trains nothing: it takes no --jobs, --threads, --shard, "
+                               "--smoke, --executor or --address")  # fmt: skip
         problems = check(args.paths)
         for problem in problems:
             print(problem, file=sys.stderr)
@@ -138,6 +152,8 @@ def _compare(args: argparse.Namespace) -> int:
         shard=parse_shard(args.shard) if args.shard is not None else None,
         smoke=args.smoke,
         progress=args.progress,
+        executor=args.executor,
+        address=args.address,
     )
     try:
         failures = compare(args.paths, config)

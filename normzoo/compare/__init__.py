@@ -64,17 +64,39 @@ __all__ = ["CompareConfig", "PageError", "check", "compare", "parse_shard"]
 SMOKE_EXAMPLES = 512
 
 
+#: Where a comparison's runs train: ``local`` processes (a pool of ``jobs``), or ``ray`` tasks
+#: (:mod:`~normzoo.compare.ray_executor`: a local Ray instance, or the cluster at ``address``).
+EXECUTORS = ("local", "ray")
+
+
 @dataclass(frozen=True)
 class CompareConfig:
     """How ``normzoo compare`` runs: ``jobs`` processes of ``threads`` torch threads each
     (``None``: the cores split evenly), only slice ``shard = (i, k)`` of the runs (1-based),
-    or a ``smoke`` test (nothing stored beside the pages, no page rewritten)."""
+    or a ``smoke`` test (nothing stored beside the pages, no page rewritten); on the
+    ``executor`` named (:data:`EXECUTORS`), Ray's joining the cluster at ``address``."""
 
     jobs: int = 1
     threads: int | None = None
     shard: tuple[int, int] | None = None
     smoke: bool = False
     progress: bool = True
+    executor: str = "local"
+    address: str | None = None
+
+    def check(self) -> None:
+        """Refuse an unknown executor, an address without Ray, or Ray where it is missing,
+        before anything trains."""
+        if self.executor not in EXECUTORS:
+            raise NormzooError(f"--executor {self.executor}: choose from {', '.join(EXECUTORS)}")
+        if self.address is not None and self.executor != "ray":
+            raise NormzooError(f"--address {self.address} is a Ray cluster's: add --executor ray")
+        if self.executor == "ray":
+            from normzoo.compare.ray_executor import check_reachable, import_ray
+
+            import_ray()
+            if self.address is not None:
+                check_reachable(self.address)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -252,6 +274,7 @@ def compare(
     ``--smoke`` test's ``normzoo-smoke-*``) are removed by a process that outlives the
     comparison (:func:`~normzoo.compare.execute.scratch_folder`).
     """
+    config.check()
     pages = [parse_page(path) for path in find_pages(list(paths))]
     if not pages:
         raise NormzooError(f"no page with a ```normzoo experiment block in {_listed(paths)}")
@@ -366,12 +389,17 @@ def _run_round(
     jobs = max(1, min(config.jobs, len(todo)))
     # torch's thread count honours OMP_NUM_THREADS; the jobs share it
     threads = config.threads or max(1, torch.get_num_threads() // jobs)
+    if config.executor == "ray":
+        where = f"the cluster at {config.address}" if config.address else \
+            f"a local instance of {counted(jobs * threads, 'CPU')}"  # fmt: skip
+        how = f"Ray tasks on {where}, {counted(threads, 'thread')} each"
+    else:
+        how = f"{counted(jobs, 'process', 'processes')}, {counted(threads, 'thread')} each"
     say(
         f"{what + ': ' if what else ''}{counted(len(ordered), 'run')}: "
-        f"{len(ordered) - len(todo)} stored, {len(todo)} to run "
-        f"({counted(jobs, 'process', 'processes')}, {counted(threads, 'thread')} each)"
+        f"{len(ordered) - len(todo)} stored, {len(todo)} to run ({how})"
     )
-    return _run_with_progress(todo, jobs, threads, config.progress, say)
+    return _run_with_progress(todo, jobs, threads, config, say)
 
 
 def _render(page: Page, summaries: list[VariantSummary], tunings: list[Tuning] | None) -> str:
@@ -381,12 +409,14 @@ def _render(page: Page, summaries: list[VariantSummary], tunings: list[Tuning] |
 
 
 def _run_with_progress(
-    todo: list[PendingRun], jobs: int, threads: int, progress: bool, say: Callable[[str], None]
-) -> int:
+    todo: list[PendingRun], jobs: int, threads: int, config: CompareConfig,
+    say: Callable[[str], None],
+) -> int:  # fmt: skip
     from tqdm import tqdm
 
     failures = stored = 0  # counted here: a disabled bar counts nothing
-    bar = tqdm(total=len(todo), unit="run", disable=not progress or not todo, file=sys.stderr)
+    bar = tqdm(total=len(todo), unit="run", disable=not config.progress or not todo,
+               file=sys.stderr)  # fmt: skip
 
     def done(run: PendingRun, result: dict[str, Any] | None, error: BaseException | None) -> None:
         nonlocal failures, stored
@@ -402,7 +432,12 @@ def _run_with_progress(
         bar.update(1)
 
     try:
-        run_all(todo, jobs, threads, done)
+        if config.executor == "ray":
+            from normzoo.compare.ray_executor import run_on_ray
+
+            run_on_ray(todo, jobs, threads, done, config.address)
+        else:
+            run_all(todo, jobs, threads, done)
     except KeyboardInterrupt as error:
         bar.close()
         say(f"interrupted: {stored} of {len(todo)} runs finished and stored; run the same "

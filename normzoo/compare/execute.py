@@ -144,11 +144,19 @@ def affine_summary(model: torch.nn.Module) -> dict[str, dict[str, float]]:
 
 
 def execute(run: PendingRun, threads: int, scratch: Path | str | None = None) -> dict[str, Any]:
-    """Train one run with ``threads`` torch threads and store its result; returns the result.
+    """Train one run with ``threads`` torch threads and store its result (:func:`result_of`);
+    returns the result."""
+    result = result_of(run, threads, scratch)
+    ResultStore(run.results_dir).save(run.key, result)
+    return result
+
+
+def result_of(run: PendingRun, threads: int, scratch: Path | str | None = None) -> dict[str, Any]:
+    """Train one run with ``threads`` torch threads; returns its result, stored nowhere.
 
     The harness's run directory (weights, curves) goes to a temporary directory (under
-    ``scratch`` when given): the stored result holds the metrics of every epoch, the status,
-    the wall time, the machine and a summary of the learned affine parameters. A
+    ``scratch`` when given): the result holds the metrics of every epoch, the status, the wall
+    time, the machine and a summary of the learned affine parameters. A
     :class:`KeyboardInterrupt` that code raised (a plugin; no signal sent it) is this run's
     failure, :class:`RunFailed` saying where it was raised; Ctrl-C and SIGTERM pass on as
     :class:`~normzoo.harness.interrupts.RunInterrupted`.
@@ -163,7 +171,7 @@ def execute(run: PendingRun, threads: int, scratch: Path | str | None = None) ->
             raise
         message = error.args[0] if isinstance(error, RunInterrupted) and error.args else ""
         raise RunFailed(message or raised_interruption_message(error)) from error
-    result = {
+    return {
         "key": run.key,
         "label": run.label,
         "config": resolved_config(run.config),
@@ -178,8 +186,6 @@ def execute(run: PendingRun, threads: int, scratch: Path | str | None = None) ->
         "torch": torch.__version__,
         "code": code_revision().as_dict(),
     }
-    ResultStore(run.results_dir).save(run.key, result)
-    return result
 
 
 #: Seconds between a worker's looks at whether its parent is still alive.
