@@ -132,8 +132,14 @@ def _compare(args: argparse.Namespace) -> int:
     if args.prune:
         return _prune(args)
     if args.check:
-        if args.jobs != CompareConfig.jobs or args.threads or args.shard is not None \
-                or args.smoke or args.executor != CompareConfig.executor or args.address:
+        if (
+            args.jobs != CompareConfig.jobs
+            or args.threads
+            or args.shard is not None
+            or args.smoke
+            or args.executor != CompareConfig.executor
+            or args.address
+        ):
             raise NormzooError("--check trains nothing: it takes no --jobs, --threads, --shard, "
                                "--smoke, --executor or --address")  # fmt: skip
         problems = check(args.paths)
