@@ -201,3 +201,35 @@ def test_pages_join_a_running_ray_cluster_and_leave_it_running(tmp_path, capsys,
         assert alive.stdout.strip().splitlines()[-1] == "2"  # compare only joined it
     finally:
         subprocess.run([str(ray_cli), "stop", "--force"], capture_output=True, timeout=120)
+
+
+def ray_task_workers() -> list[int]:
+    listing = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True)
+    return [int(line.split()[0]) for line in listing.stdout.splitlines()
+            if line.strip().partition(" ")[2].startswith(TASK_TITLE)]  # fmt: skip
+
+
+def test_ctrl_c_keeps_what_came_back_cancels_the_rest_and_exits_130(tmp_path):
+    page = write_page(tmp_path, two_arms(seeds=2).replace("epochs = 1", "epochs = 6"))
+    command = [sys.executable, "-m", "normzoo", "compare", str(page), "--executor", "ray",
+               "--jobs", "2", "--threads", "1", "--no-progress"]  # fmt: skip
+    environment = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, text=True)
+    results = tmp_path / "results"
+    deadline = time.monotonic() + 240
+    while not (results.exists() and any(results.glob("*.json"))):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT
+    kept = stored(page)
+    assert 1 <= len(kept) < 4
+    assert f"interrupted: {len(kept)} of 4 runs finished and stored" in out
+    deadline = time.monotonic() + 30
+    while ray_task_workers() and time.monotonic() < deadline:  # cancelled, instance shut down
+        time.sleep(0.2)
+    assert ray_task_workers() == []
+    assert compare([page], ON_RAY, say=lambda line: None) == 0
+    assert len(stored(page)) == 4
+    assert all(stored(page)[key] == result for key, result in kept.items())
