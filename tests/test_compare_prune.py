@@ -73,3 +73,8 @@ def test_prune_with_an_option_that_trains_is_one_line(page, capsys):
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert "--prune trains nothing" in line
     assert len(stored_results(page)) == 2
+
+
+def test_every_committed_result_is_used_by_a_committed_page():
+    """What `normzoo compare --prune docs README.md examples` would delete: nothing."""
+    assert unused_results([ROOT / "docs", ROOT / "README.md", ROOT / "examples"]) == []
