@@ -51,7 +51,9 @@ Keys of ``base``, ``grid`` and a variant are the fields of
 (:data:`~normzoo.harness.config.COMPUTED_FIELDS` but ``seed``: ``workload``, ``norm``,
 ``norm_options``, ``activation``, ``placement``, ``bias_before_norm``, ``dropout``,
 ``freeze_affine``, ``epochs``, ``lr``, ``batch_size``, ``train_subset``, ``test_subset``,
-``precise_examples``, or in its older spelling ``precise_stats``, in batches). The results
+``precise_examples``, or in its older spelling ``precise_stats``, in batches). A setting
+that neither ``base``, ``grid`` nor the variant gives is the workload's declared default,
+else the harness's (:meth:`~normzoo.harness.config.RunConfig.for_workload`). The results
 are written between the markers :data:`BEGIN` and :data:`END`; nothing else on the page is
 ever touched. So the markers appear once each, the begin marker first, and both outside the
 experiment block (below it, usually): a section that enclosed or cut into the block would
