@@ -141,6 +141,10 @@ def test_a_runs_own_error_comes_back_as_it_was_raised_and_nothing_is_stored(tmp_
             ["--executor", "ray", "--address", "127.0.0.1:1"],
             "--address 127.0.0.1:1: no Ray cluster to join there",
         ),
+        (
+            ["--executor", "ray", "--address", "localhost"],
+            "--address localhost: expected auto, HOST:PORT or ray://HOST:PORT",
+        ),
     ],
 )
 def test_bad_executor_options_are_one_line(page, argv, says, capsys):
@@ -193,7 +197,7 @@ def test_pages_join_a_running_ray_cluster_and_leave_it_running(tmp_path, capsys,
                     "--threads", "1", "--no-progress"]  # fmt: skip
             assert cli.main(argv) == 0
             out = capsys.readouterr().out
-            assert f"(Ray tasks on the cluster at {address}, 1 thread each)" in out
+            assert f"(Ray tasks on the running cluster (--address {address}), 1 thread " in out
             assert [result["status"] for result in stored(page).values()] == ["finished"] * 2
         probe = "import ray; ray.init(address='auto'); print(int(ray.cluster_resources()['CPU']))"
         alive = subprocess.run([sys.executable, "-c", probe], env=environment,

@@ -35,7 +35,8 @@ Every key (a [grid] of settings, [base] settings, a variant's own seeds or basel
 and figures directories, the plots) is described in docs/writing-a-plugin.md, section 8, and \
 in the docstring of normzoo/compare/page.py. A variant's settings are `normzoo run`'s options, \
 spelled with underscores (batch_size, precise_examples). \
---check trains nothing, so it takes no --jobs, --threads, --shard or --smoke."""
+--check trains nothing, so it takes no --jobs, --threads, --shard, --smoke, --executor or \
+--address."""
 
 
 def add_command(commands: argparse._SubParsersAction) -> None:
@@ -63,7 +64,8 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         "--jobs",
         type=positive_int,
         default=CompareConfig.jobs,
-        help="runs in parallel, in separate processes",
+        help="runs in parallel, in separate processes (with --executor ray: the size of the "
+        "local Ray instance, --jobs x --threads CPUs; with --address the cluster's CPUs decide)",
     )
     comparison.add_argument(
         "--threads", type=positive_int, default=None,
@@ -78,9 +80,10 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     comparison.add_argument(
         "--address", default=None,
-        help="with --executor ray: join the running Ray cluster there (auto, HOST:PORT or "
-        "ray://HOST:PORT), whose CPUs decide how many runs train at once; normzoo and the "
-        "pages' plugins must be installed on its nodes",
+        help="with --executor ray: join the running Ray cluster there (auto, HOST:PORT, or "
+        "ray://HOST:PORT for Ray Client, which needs pip install \"ray[client]\"), whose CPUs "
+        "decide how many runs train at once; normzoo and the pages' plugins must be installed "
+        "on its nodes (see docs/running-on-ray.md)",
     )  # fmt: skip
     comparison.add_argument(
         "--shard", default=None, metavar="I/K",

@@ -390,14 +390,14 @@ def _run_round(
     # torch's thread count honours OMP_NUM_THREADS; the jobs share it
     threads = config.threads or max(1, torch.get_num_threads() // jobs)
     if config.executor == "ray":
-        where = f"the cluster at {config.address}" if config.address else \
+        where = f"the running cluster (--address {config.address})" if config.address else \
             f"a local instance of {counted(jobs * threads, 'CPU')}"  # fmt: skip
         how = f"Ray tasks on {where}, {counted(threads, 'thread')} each"
     else:
         how = f"{counted(jobs, 'process', 'processes')}, {counted(threads, 'thread')} each"
     say(
         f"{what + ': ' if what else ''}{counted(len(ordered), 'run')}: "
-        f"{len(ordered) - len(todo)} stored, {len(todo)} to run ({how})"
+        f"{len(ordered) - len(todo)} stored, {len(todo)} to run" + (f" ({how})" if todo else "")
     )
     return _run_with_progress(todo, jobs, threads, config, say)
 
@@ -438,6 +438,9 @@ def _run_with_progress(
             run_on_ray(todo, jobs, threads, done, config.address)
         else:
             run_all(todo, jobs, threads, done)
+    except NormzooError:  # Ray could not start or be joined: the line after the bar, alone
+        bar.close()
+        raise
     except KeyboardInterrupt as error:
         bar.close()
         say(f"interrupted: {stored} of {len(todo)} runs finished and stored; run the same "

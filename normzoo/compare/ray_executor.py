@@ -89,9 +89,14 @@ def _start(ray: Any, address: str | None, cpus: int) -> bool:
         try:
             ray.init(address=address, **quiet)
         except (ConnectionError, RuntimeError, ValueError) as error:
+            token = "" if address == "auto" or os.environ.get("RAY_AUTH_MODE") else (
+                "; if a cluster with token authentication (Ray's default) runs there, set "
+                "RAY_AUTH_MODE=token and give its token (~/.ray/auth_token or RAY_AUTH_TOKEN)"
+            )  # fmt: skip
             raise NormzooError(
-                f"--address {address}: no Ray cluster to join there ({describe(error)}); start "
-                "one with `ray start --head`, or leave out --address for a local instance"
+                f"--address {address}: could not join a Ray cluster there ({describe(error)}); "
+                f"start one with `ray start --head`, or leave out --address for a local "
+                f"instance{token}"
             ) from None
     return True
 
@@ -102,8 +107,10 @@ def check_reachable(address: str) -> None:
     keeps retrying such an address for minutes. ``auto`` is Ray's to resolve (it fails at once
     when no cluster runs here)."""
     host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not port.isdigit():
+    if address == "auto":
         return
+    if not host or not sep or not port.isdigit():
+        raise NormzooError(f"--address {address}: expected auto, HOST:PORT or ray://HOST:PORT")
     try:
         socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT).close()
     except OSError as error:
